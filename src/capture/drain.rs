@@ -1,0 +1,243 @@
+//! Draining the change queue: one transaction per batch claims changes, locks their
+//! buckets, recomputes them and deletes the claimed changes, so that a failure at any
+//! step leaves the changes in the queue for a retry.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Transaction;
+
+use super::queue::{claim_changes, select_due_failures, settle_failures, BucketFailure};
+use crate::db::Pool;
+use crate::error::{Error, Result};
+use crate::kpi::{self, Bucket, BucketRange};
+
+/// How batches are sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// Queue rows claimed per batch.
+    pub batch_size: i64,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self { batch_size: 5_000 }
+    }
+}
+
+/// What one committed batch did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BatchReport {
+    /// Queue rows consumed.
+    pub changes: u64,
+    /// Buckets recomputed.
+    pub buckets: u64,
+    /// Rows of `"FreightKpiDaily"` inserted or changed.
+    pub written: u64,
+    /// Whether the batch recomputed every bucket, after a TRUNCATE.
+    pub every_bucket: bool,
+    /// Buckets that could not be written; they wait in `freight_kpi.failed_bucket`.
+    pub failed: Vec<BucketFailure>,
+    /// For each consumed change, the time from its enqueueing to this batch's commit,
+    /// in milliseconds.
+    pub latencies_ms: Vec<f64>,
+}
+
+/// Processes one batch: the oldest unclaimed changes and the failed buckets due for a
+/// retry. Returns `None` when there was nothing to do.
+///
+/// # Cancel safety
+///
+/// Dropping the future mid-batch drops the transaction, which rolls back and leaves
+/// the changes queued. Callers that want the batch to finish should not cancel it.
+///
+/// # Errors
+///
+/// [`Error`] when the batch could not be committed; nothing was consumed then.
+#[tracing::instrument(name = "batch", skip_all, fields(batch.changes, batch.buckets))]
+pub async fn process_batch(pool: &Pool, settings: &DrainSettings) -> Result<Option<BatchReport>> {
+    let mut client = pool.get().await?;
+    let mut transaction = client
+        .transaction()
+        .await
+        .map_err(Error::database("begin a batch"))?;
+
+    let claimed = claim_changes(&transaction, settings.batch_size).await?;
+    let retries = select_due_failures(&transaction, settings.batch_size).await?;
+    if claimed.change_count() == 0 && retries.is_empty() {
+        return Ok(None);
+    }
+    let claimed_at = Instant::now();
+
+    let buckets: BTreeSet<Bucket> = claimed.buckets.iter().chain(&retries).copied().collect();
+    let span = tracing::Span::current();
+    span.record("batch.changes", claimed.change_count());
+    span.record("batch.buckets", buckets.len());
+
+    let (recomputed, written, failed) = if claimed.every_bucket {
+        recompute_every_bucket(&transaction).await?
+    } else {
+        recompute_isolated(&mut transaction, &buckets).await?
+    };
+
+    let failed_keys: BTreeSet<Bucket> = failed.iter().map(|failure| failure.bucket).collect();
+    let succeeded: BTreeSet<Bucket> = buckets.difference(&failed_keys).copied().collect();
+    settle_failures(&transaction, &succeeded, &failed).await?;
+
+    transaction
+        .commit()
+        .await
+        .map_err(Error::database("commit a batch"))?;
+
+    let since_claim_ms = claimed_at.elapsed().as_secs_f64() * 1000.0;
+    let latencies_ms = claimed
+        .ages_ms
+        .iter()
+        .map(|age| age + since_claim_ms)
+        .collect();
+    for failure in &failed {
+        tracing::error!(
+            bucket.venture_id = failure.bucket.venture_id,
+            bucket.day = %failure.bucket.day,
+            error = %failure.reason,
+            "bucket recompute failed; it will be retried"
+        );
+    }
+    tracing::debug!(recomputed, written, "batch committed");
+
+    Ok(Some(BatchReport {
+        changes: claimed.change_count() as u64,
+        buckets: recomputed,
+        written,
+        every_bucket: claimed.every_bucket,
+        failed,
+        latencies_ms,
+    }))
+}
+
+/// Processes batches until the queue holds nothing unclaimed, or `stop` returns true
+/// between two batches. Returns the reports of the committed batches.
+///
+/// # Errors
+///
+/// The first batch error; batches committed before it stay committed.
+pub async fn drain_queue(
+    pool: &Pool,
+    settings: &DrainSettings,
+    mut on_batch: impl FnMut(&BatchReport),
+    stop: impl Fn() -> bool,
+) -> Result<()> {
+    while !stop() {
+        let Some(report) = process_batch(pool, settings).await? else {
+            return Ok(());
+        };
+        on_batch(&report);
+        if (report.changes as i64) < settings.batch_size && !report.every_bucket {
+            // A short batch took everything unclaimed; one more query would only find
+            // changes committed since, which the next notification announces.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// After a TRUNCATE: one full pass over every bucket, under every bucket lock.
+async fn recompute_every_bucket(
+    transaction: &Transaction<'_>,
+) -> Result<(u64, u64, Vec<BucketFailure>)> {
+    kpi::lock_all_buckets(transaction).await?;
+    let summary = kpi::full_pass(transaction, BucketRange::default(), false).await?;
+    let failed = summary.overflowed.iter().map(BucketFailure::from).collect();
+    Ok((summary.scanned, summary.repaired, failed))
+}
+
+/// Recomputes `buckets` in one statement. If the server rejects the statement for a
+/// bad value (a data exception, which the overflow check in the statement should
+/// prevent, but a schema with narrower columns can still raise), each bucket is
+/// retried alone so that only the offending ones fail.
+async fn recompute_isolated(
+    transaction: &mut Transaction<'_>,
+    buckets: &BTreeSet<Bucket>,
+) -> Result<(u64, u64, Vec<BucketFailure>)> {
+    let keys: Vec<Bucket> = buckets.iter().copied().collect();
+    kpi::lock_buckets(&*transaction, &keys).await?;
+
+    let mut savepoint = transaction
+        .savepoint("recompute_batch")
+        .await
+        .map_err(Error::database("create a savepoint"))?;
+    match kpi::recompute_buckets(&savepoint, &keys).await {
+        Ok(outcome) => {
+            savepoint
+                .commit()
+                .await
+                .map_err(Error::database("release a savepoint"))?;
+            let failed = outcome.overflowed.iter().map(BucketFailure::from).collect();
+            return Ok((outcome.recomputed, outcome.written, failed));
+        }
+        Err(error) if is_data_exception(&error) => {
+            tracing::warn!(error = %error_chain(&error), buckets = keys.len(), "batch recompute rejected; retrying its buckets one by one");
+            savepoint
+                .rollback()
+                .await
+                .map_err(Error::database("roll back a savepoint"))?;
+        }
+        Err(error) => return Err(error),
+    }
+
+    let mut recomputed = 0;
+    let mut written = 0;
+    let mut failed = Vec::new();
+    for bucket in keys {
+        savepoint = transaction
+            .savepoint("recompute_bucket")
+            .await
+            .map_err(Error::database("create a savepoint"))?;
+        match kpi::recompute_buckets(&savepoint, &[bucket]).await {
+            Ok(outcome) => {
+                savepoint
+                    .commit()
+                    .await
+                    .map_err(Error::database("release a savepoint"))?;
+                recomputed += outcome.recomputed;
+                written += outcome.written;
+                failed.extend(outcome.overflowed.iter().map(BucketFailure::from));
+            }
+            Err(error) if is_data_exception(&error) => {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(Error::database("roll back a savepoint"))?;
+                failed.push(BucketFailure {
+                    bucket,
+                    reason: error_chain(&error),
+                });
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok((recomputed, written, failed))
+}
+
+/// Tells whether the server rejected a value (SQLSTATE class 22, data exception).
+fn is_data_exception(error: &Error) -> bool {
+    let Error::Database { source, .. } = error else {
+        return false;
+    };
+    source
+        .code()
+        .is_some_and(|code| code.code().starts_with("22") || *code == SqlState::CHECK_VIOLATION)
+}
+
+/// Formats an error with its sources, as one line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,8 @@
+//! The change queue as the service sees it: claiming batches of changed buckets,
+//! recomputing them, and reporting the queue's depth and age.
+
+mod drain;
+mod queue;
+
+pub use drain::{drain_queue, error_chain, process_batch, BatchReport, DrainSettings};
+pub use queue::{queue_health, BucketFailure, QueueHealth};

@@ -1,0 +1,8 @@
+//! Connections to PostgreSQL: parsing the connection string, the shared pool, the
+//! dedicated connections that must not be pooled, and the schema migrations.
+
+mod connect;
+mod migrate;
+
+pub use connect::{connect_dedicated, DatabaseTarget, Pool};
+pub use migrate::{migrate, MigrationReport};

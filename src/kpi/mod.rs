@@ -1,0 +1,28 @@
+//! The KPI definitions and the two ways of applying them to `"FreightKpiDaily"`: by
+//! bucket key for the incremental path, and as one pass over a range for reconcile.
+
+mod bucket_lock;
+mod definitions;
+mod full_pass;
+mod recompute;
+
+pub use bucket_lock::{lock_all_buckets, lock_buckets, BUCKET_LOCK_STRIPES};
+pub use full_pass::{full_pass, BucketRange, FullPassSummary};
+pub use recompute::{recompute_buckets, BucketOverflow, RecomputeOutcome};
+
+use chrono::NaiveDate;
+
+/// A venture and a UTC calendar day: the unit of `"FreightKpiDaily"`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Bucket {
+    pub venture_id: i32,
+    pub day: NaiveDate,
+}
+
+impl std::fmt::Display for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "venture {} day {}", self.venture_id, self.day)
+    }
+}
