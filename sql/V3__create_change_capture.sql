@@ -19,9 +19,10 @@ CREATE TABLE IF NOT EXISTS freight_kpi.change_queue (
     CONSTRAINT change_queue_key_complete CHECK ((venture_id IS NULL) = (day IS NULL))
 );
 
--- One row per running listener. Writers notify only the channels of armed listeners,
--- and a listener disarms itself as soon as it wakes, so a burst of writes costs a few
--- NOTIFYs per listener cycle instead of one per transaction.
+-- One row per running listener. A committing writer notifies only the channels of
+-- armed listeners, and a listener disarms itself as soon as it wakes, so a burst of
+-- writes costs a few NOTIFYs per listener cycle instead of one per transaction. NOTIFY
+-- takes a cluster-wide lock at commit, which would otherwise serialize every writer.
 CREATE TABLE IF NOT EXISTS freight_kpi.listener (
     listener_id  text PRIMARY KEY,
     channel      text NOT NULL,
@@ -61,6 +62,41 @@ BEGIN
 END
 $$;
 
+-- Returns true for the first queue row of a transaction and false for the others,
+-- so the deferred trigger below is queued once per transaction. The flag is a
+-- transaction-local setting, so a rolled-back savepoint resets it together with the
+-- rows it covered.
+CREATE OR REPLACE FUNCTION freight_kpi.first_change_in_transaction() RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('freight_kpi.wake_pending', true) = 'on' THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('freight_kpi.wake_pending', 'on', true);
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION freight_kpi.wake_at_commit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM freight_kpi.wake_listeners();
+    RETURN NULL;
+END
+$$;
+
+-- Whether to notify is decided at commit, not when the statement runs: a transaction
+-- that wrote "Load" while the listener was busy, and commits after the listener armed
+-- itself and looked at the queue, still wakes it. Deciding earlier would leave such a
+-- change to the fallback poll.
+DROP TRIGGER IF EXISTS freight_kpi_wake_at_commit ON freight_kpi.change_queue;
+CREATE CONSTRAINT TRIGGER freight_kpi_wake_at_commit
+    AFTER INSERT ON freight_kpi.change_queue
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW
+    WHEN (freight_kpi.first_change_in_transaction())
+    EXECUTE FUNCTION freight_kpi.wake_at_commit();
+
 -- The bucket of a load is its venture and the UTC calendar day of "createdAt", whatever
 -- the TimeZone setting of the writing session.
 CREATE OR REPLACE FUNCTION freight_kpi.capture_load_insert() RETURNS trigger
@@ -70,9 +106,6 @@ BEGIN
     SELECT DISTINCT "ventureId", ("createdAt" AT TIME ZONE 'UTC')::date
     FROM inserted_loads;
 
-    IF FOUND THEN
-        PERFORM freight_kpi.wake_listeners();
-    END IF;
     RETURN NULL;
 END
 $$;
@@ -84,9 +117,6 @@ BEGIN
     SELECT DISTINCT "ventureId", ("createdAt" AT TIME ZONE 'UTC')::date
     FROM deleted_loads;
 
-    IF FOUND THEN
-        PERFORM freight_kpi.wake_listeners();
-    END IF;
     RETURN NULL;
 END
 $$;
@@ -116,9 +146,6 @@ BEGIN
     INSERT INTO freight_kpi.change_queue (venture_id, day)
     SELECT DISTINCT venture_id, day FROM changed;
 
-    IF FOUND THEN
-        PERFORM freight_kpi.wake_listeners();
-    END IF;
     RETURN NULL;
 END
 $$;
@@ -128,7 +155,6 @@ CREATE OR REPLACE FUNCTION freight_kpi.capture_load_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO freight_kpi.change_queue (venture_id, day) VALUES (NULL, NULL);
-    PERFORM freight_kpi.wake_listeners();
     RETURN NULL;
 END
 $$;
