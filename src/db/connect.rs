@@ -71,7 +71,7 @@ impl DatabaseTarget {
                 .or_else(|| std::env::var("LOGNAME").ok())
             else {
                 return Err(Error::InvalidDatabaseUrl {
-                    reason: "no user given and USER is not set".to_owned(),
+                    reason: "it names no user and USER is not set; add user=NAME or postgres://NAME@...".to_owned(),
                 });
             };
             config.user(&user);
