@@ -33,8 +33,28 @@ CREATE TABLE IF NOT EXISTS "Load" (
 );
 
 -- One bucket's recompute reads the loads of one venture created within one UTC day,
--- which this index turns into a single range scan.
-CREATE INDEX IF NOT EXISTS "Load_ventureId_createdAt_idx" ON "Load" ("ventureId", "createdAt");
+-- which an index led by ("ventureId", "createdAt") turns into a single range scan. An
+-- existing index of that shape, under any name, is used as it is. On a large existing
+-- table, create it with CREATE INDEX CONCURRENTLY before migrating, since this plain
+-- CREATE INDEX blocks writers while it builds.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_index i
+        WHERE i.indrelid = '"Load"'::regclass
+          AND i.indnkeyatts >= 2
+          AND i.indexprs IS NULL
+          AND i.indpred IS NULL
+          AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                             WHERE attrelid = i.indrelid AND attname = 'ventureId')
+          AND i.indkey[1] = (SELECT attnum FROM pg_attribute
+                             WHERE attrelid = i.indrelid AND attname = 'createdAt')
+    ) THEN
+        CREATE INDEX "Load_ventureId_createdAt_idx" ON "Load" ("ventureId", "createdAt");
+    END IF;
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS "FreightKpiDaily" (
     id                    bigserial PRIMARY KEY,

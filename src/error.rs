@@ -47,6 +47,10 @@ pub enum Error {
         allowed: &'static str,
     },
 
+    /// An existing table does not fit what the service writes.
+    #[error("incompatible schema: {0}")]
+    IncompatibleSchema(String),
+
     /// The schema is missing or older than this binary expects.
     #[error("the database schema is not installed: {0}; run `freight-kpi migrate` first")]
     SchemaMissing(String),

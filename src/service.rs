@@ -18,6 +18,7 @@ use crate::capture::{drain_queue, error_chain, queue_health, BatchReport};
 use crate::config::RunSettings;
 use crate::db::Pool;
 use crate::error::Result;
+use crate::kpi::check_kpi_table;
 use crate::listen::{validate_channel, ListenerCounters, ListenerSession, Settled};
 
 /// Time an in-flight batch gets to commit after a shutdown request; past it the batch
@@ -97,6 +98,7 @@ pub async fn run(
     {
         let client = pool.get().await?;
         queue_health(&**client).await?;
+        check_kpi_table(&**client).await?;
     }
 
     let cancel = CancellationToken::new();

@@ -5,10 +5,12 @@ mod bucket_lock;
 mod definitions;
 mod full_pass;
 mod recompute;
+mod table_check;
 
 pub use bucket_lock::{lock_all_buckets, lock_buckets, BUCKET_LOCK_STRIPES};
 pub use full_pass::{full_pass, BucketRange, FullPassSummary};
 pub use recompute::{recompute_buckets, BucketOverflow, RecomputeOutcome};
+pub use table_check::check_kpi_table;
 
 use chrono::NaiveDate;
 

@@ -38,6 +38,7 @@ pub struct ReconcileReport {
 #[tracing::instrument(name = "reconcile", skip_all, fields(job.name = "KPI_AGGREGATION", job.run_id))]
 pub async fn reconcile(pool: &Pool, options: &ReconcileOptions) -> Result<ReconcileReport> {
     let log_client = pool.get().await?;
+    kpi::check_kpi_table(&**log_client).await?;
     let run_id = start_run(&**log_client, JobName::KpiAggregation).await?;
     tracing::Span::current().record("job.run_id", run_id);
     tracing::info!(dry_run = options.dry_run, "reconcile started");
