@@ -1,4 +1,4 @@
-//! The change queue as the service sees it: claiming batches of changed buckets,
+//! The change queue from the service's side: claiming batches of changed buckets,
 //! recomputing them, and reporting the queue's depth and age.
 
 mod drain;

@@ -24,7 +24,7 @@ impl From<&BucketOverflow> for BucketFailure {
     }
 }
 
-/// Deletes up to $1 of the oldest queue rows that no other instance holds and returns
+/// Deletes up to $1 of the oldest queue rows not locked by another instance and returns
 /// them grouped by bucket, with the age in milliseconds of each change. The rows come
 /// back if the transaction rolls back, so a failed batch loses nothing.
 const CLAIM_CHANGES: &str = r#"

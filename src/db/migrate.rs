@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 
 refinery::embed_migrations!("sql");
 
-/// Where refinery records the applied migrations: in the service's own schema, so the
-/// application's schema gains no table of ours.
+/// Table of applied migrations, kept in the service's own schema so the application's
+/// schema gains no table of ours.
 const HISTORY_TABLE: &str = "freight_kpi.schema_history";
 
 /// Advisory lock key (two-key form) held while migrating, so that instances started
@@ -15,7 +15,7 @@ const HISTORY_TABLE: &str = "freight_kpi.schema_history";
 /// advisory lock this service takes.
 const MIGRATE_LOCK: (i32, i32) = (crate::ADVISORY_LOCK_NAMESPACE, 0);
 
-/// What a migration run did.
+/// Outcome of a migration run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {
     /// Names of the migrations applied by this run, in order; empty when the schema
@@ -58,7 +58,7 @@ pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
 
 async fn apply(client: &mut Client) -> Result<MigrationReport> {
     // refinery creates its history table before the first migration runs, so the
-    // schema that holds it must exist already.
+    // schema that contains it must exist already.
     client
         .batch_execute("CREATE SCHEMA IF NOT EXISTS freight_kpi")
         .await

@@ -99,7 +99,7 @@ pub struct BucketRange {
     pub venture_id: Option<i32>,
 }
 
-/// What a full pass found and did; the same figures go to `"JobRunLog"."statsJson"`.
+/// Figures of a full pass, also written to `"JobRunLog"."statsJson"`.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FullPassSummary {
     /// Buckets that have loads or a stored row in range.

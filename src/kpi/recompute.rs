@@ -57,7 +57,7 @@ const RECOMPUTE_BUCKETS: &str = concat!(
     " AS overflowed"
 );
 
-/// What one recompute did.
+/// Figures of one recompute.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecomputeOutcome {
     /// Buckets computed from `"Load"`.

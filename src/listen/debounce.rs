@@ -24,7 +24,7 @@ impl Default for Debounce {
     }
 }
 
-/// Why a debounce window ended.
+/// The reason a debounce window ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// No wake-up arrived for the quiet window.

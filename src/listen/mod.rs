@@ -1,4 +1,4 @@
-//! The listener: one dedicated connection that holds `LISTEN`, arms the wake-up flag
+//! The listener: one dedicated connection that runs `LISTEN`, arms the wake-up flag
 //! that writers read, and tells the service when to drain the queue.
 
 mod debounce;

@@ -31,8 +31,8 @@ pub struct ListenerCounters {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidSetting`] when the name is empty, longer than 63 bytes or holds a
-/// NUL character.
+/// [`Error::InvalidSetting`] when the name is empty, longer than 63 bytes or contains
+/// a NUL character.
 pub fn validate_channel(channel: &str) -> Result<()> {
     if channel.is_empty() || channel.len() > 63 || channel.contains('\0') {
         return Err(Error::InvalidSetting {
@@ -211,7 +211,7 @@ async fn forward_notifications(
         };
         if notification.channel() == channel && notification.payload().is_empty() {
             counters.received.fetch_add(1, Ordering::Relaxed);
-            // A full channel already holds a pending wake-up, which is all that matters.
+            // A full channel already contains a pending wake-up, which is all that matters.
             let _ = sender.try_send(());
             continue;
         }
