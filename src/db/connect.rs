@@ -1,16 +1,20 @@
 //! Parsing `DATABASE_URL` and opening connections.
 //!
 //! Every connection gets an `application_name` that starts with `freight-kpi`, so an
-//! operator can find the service in `pg_stat_activity`, and TCP keepalives, so a peer
-//! that vanished without closing the connection is noticed by the kernel.
+//! operator can find the service in `pg_stat_activity`. It also gets TCP keepalives,
+//! so the kernel notices a peer that vanished without closing the connection, and
+//! TLS as the connection string's `sslmode` and `sslrootcert` require (see
+//! [`super::tls`]).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
 
+use super::tls::{split_tls_settings, SslMode, TlsConnector, TlsSettings};
 use crate::error::{Error, Result};
 
 /// Time allowed for opening one connection, TCP and authentication included.
@@ -27,23 +31,30 @@ const KEEPALIVE_RETRIES: u32 = 2;
 /// which libpq also tries first when a connection string names no host.
 const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
 
-/// A parsed connection string: where to connect and as whom, without exposing the
-/// password in any `Debug` or `Display` output.
+/// A parsed connection string: where to connect, as whom and over what kind of TLS,
+/// without exposing the password in any `Debug` or `Display` output.
 #[derive(Clone)]
 pub struct DatabaseTarget {
     config: tokio_postgres::Config,
+    tls: TlsSettings,
+    connector: TlsConnector,
 }
 
 impl DatabaseTarget {
     /// Parses a postgres URL or a key=value connection string.
     ///
     /// Missing host and user default as libpq does: the local Unix socket folder and
-    /// the operating system user.
+    /// the operating system user. `sslmode` takes libpq's values `disable`, `prefer`
+    /// (the default), `require`, `verify-ca` and `verify-full`, and `sslrootcert` names
+    /// a PEM file of trusted CA certificates or `system` for the system trust store.
+    /// As in libpq, connections over a Unix socket never use TLS, whatever the value
+    /// of `sslmode`.
     ///
     /// # Errors
     ///
     /// Returns [`Error::InvalidDatabaseUrl`] with a reason that never repeats the input,
-    /// since the input may hold a password.
+    /// since the input may contain a password. A `sslrootcert` file that cannot be read
+    /// or contains no certificate is reported here, before any connection.
     pub fn parse(url: &str) -> Result<Self> {
         let trimmed = url.trim();
         if trimmed.is_empty() {
@@ -52,13 +63,22 @@ impl DatabaseTarget {
             });
         }
 
-        let mut config = tokio_postgres::Config::from_str(trimmed).map_err(|error| {
+        let (without_tls, tls) =
+            split_tls_settings(trimmed).map_err(|reason| Error::InvalidDatabaseUrl { reason })?;
+        let mut config = tokio_postgres::Config::from_str(&without_tls).map_err(|error| {
             Error::InvalidDatabaseUrl {
                 reason: describe_parse_error(trimmed, &error),
             }
         })?;
 
-        if config.get_hosts().is_empty() {
+        if config.get_hosts().is_empty() && !config.get_hostaddrs().is_empty() {
+            // Without a host name, tokio-postgres has no name for the TLS handshake and
+            // fails it, so the addresses stand in for it, which is also the name that
+            // verify-full then checks.
+            for address in config.get_hostaddrs().to_vec() {
+                config.host(address.to_string());
+            }
+        } else if config.get_hosts().is_empty() {
             if std::path::Path::new(DEFAULT_SOCKET_DIR).exists() {
                 config.host_path(DEFAULT_SOCKET_DIR);
             } else {
@@ -71,7 +91,9 @@ impl DatabaseTarget {
                 .or_else(|| std::env::var("LOGNAME").ok())
             else {
                 return Err(Error::InvalidDatabaseUrl {
-                    reason: "it names no user and USER is not set; add user=NAME or postgres://NAME@...".to_owned(),
+                    reason:
+                        "it names no user and USER is not set; add user=NAME or postgres://NAME@..."
+                            .to_owned(),
                 });
             };
             config.user(&user);
@@ -84,26 +106,51 @@ impl DatabaseTarget {
             .keepalives_interval(KEEPALIVE_INTERVAL)
             .keepalives_retries(KEEPALIVE_RETRIES)
             .application_name("freight-kpi");
-        Ok(Self { config })
+
+        // libpq never requests TLS over a Unix socket, because the server does not
+        // offer it there. tokio-postgres would request it and fail when sslmode
+        // requires TLS.
+        // NOTE: a list that mixes Unix sockets and TCP hosts keeps the requested mode
+        // for all of them.
+        let all_unix = config
+            .get_hosts()
+            .iter()
+            .all(|host| matches!(host, Host::Unix(_)));
+        config.ssl_mode(if all_unix {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            tls.driver_mode()
+        });
+
+        let connector = tls
+            .connector()
+            .map_err(|reason| Error::InvalidDatabaseUrl { reason })?;
+        Ok(Self {
+            config,
+            tls,
+            connector,
+        })
     }
 
     /// Returns a copy whose connections carry `application_name` `name`, which must
     /// start with `freight-kpi`.
     pub fn with_application_name(&self, name: &str) -> Self {
         debug_assert!(name.starts_with("freight-kpi"));
-        let mut config = self.config.clone();
-        config.application_name(name);
-        Self { config }
+        let mut target = self.clone();
+        target.config.application_name(name);
+        target
     }
 
     /// Returns a copy that connects to another database on the same server.
     pub fn with_dbname(&self, dbname: &str) -> Self {
-        let mut config = self.config.clone();
-        config.dbname(dbname);
-        Self { config }
+        let mut target = self.clone();
+        target.config.dbname(dbname);
+        target
     }
 
-    /// Returns the underlying driver configuration.
+    /// Returns the underlying driver configuration. Its `ssl_mode` sets only whether
+    /// TLS is requested. The certificate checks are in the connector that
+    /// [`DatabaseTarget::pool`] and [`connect_dedicated`] use.
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
     }
@@ -134,7 +181,7 @@ impl DatabaseTarget {
     pub fn pool(&self, max_size: usize) -> Result<Pool> {
         let manager = Manager::from_config(
             self.config.clone(),
-            NoTls,
+            self.connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -192,7 +239,7 @@ impl Pool {
             },
             deadpool_postgres::PoolError::Backend(source) => Error::Connect {
                 target: self.target.describe(),
-                reason: describe_connect_error(&source),
+                reason: describe_connect_error(&self.target, &source),
             },
             other => Error::Connect {
                 target: self.target.describe(),
@@ -209,6 +256,16 @@ impl Pool {
     /// Closes the pool: idle connections are dropped and later requests fail.
     pub fn close(&self) {
         self.inner.close();
+    }
+
+    /// Drops the idle connections, so the next requests open new ones. Connections in
+    /// use are kept. Returns how many were dropped.
+    ///
+    /// Recycling only checks that a connection is not closed, so a connection that
+    /// went silent without closing would otherwise be handed out again and hang the
+    /// first statement sent on it.
+    pub fn discard_idle(&self) -> usize {
+        self.inner.retain(|_, _| false).removed.len()
     }
 }
 
@@ -227,15 +284,14 @@ pub async fn connect_dedicated(
     Client,
     tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
 )> {
-    let (client, mut connection) =
-        target
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|error| Error::Connect {
-                target: target.describe(),
-                reason: describe_connect_error(&error),
-            })?;
+    let (client, mut connection) = target
+        .config
+        .connect(target.connector.clone())
+        .await
+        .map_err(|error| Error::Connect {
+            target: target.describe(),
+            reason: describe_connect_error(target, &error),
+        })?;
 
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -258,18 +314,65 @@ pub async fn connect_dedicated(
 }
 
 /// Turns a driver error into a short reason: the server's message when it sent one,
-/// the I/O cause otherwise.
-pub(crate) fn describe_connect_error(error: &tokio_postgres::Error) -> String {
+/// the I/O or TLS cause otherwise, with a hint when the TLS settings are the likely
+/// fix.
+pub(crate) fn describe_connect_error(
+    target: &DatabaseTarget,
+    error: &tokio_postgres::Error,
+) -> String {
     if let Some(db_error) = error.as_db_error() {
-        return db_error.message().to_owned();
+        let mut reason = db_error.message().to_owned();
+        // pg_hba.conf rejections share this code, and with TLS off a server that
+        // allows only `hostssl` lines is a common cause.
+        if db_error.code() == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            && target.tls.mode == SslMode::Disable
+        {
+            reason.push_str(
+                "; if the server accepts only TLS connections, set sslmode=require or \
+                 stronger instead of disable",
+            );
+        }
+        return reason;
     }
+
     let mut reason = error.to_string();
+    let mut certificate_error = None;
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         reason = format!("{reason}: {cause}");
+        certificate_error = certificate_error.or_else(|| find_certificate_error(cause));
         source = cause.source();
     }
+
+    if let Some(certificate_error) = certificate_error {
+        let hint = match certificate_error {
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. } => {
+                "the certificate does not name the host in DATABASE_URL; connect by a \
+                 name the certificate lists, or use sslmode=verify-ca to skip the host \
+                 name check"
+            }
+            _ => {
+                "check that sslrootcert names the CA certificate that signed the \
+                 server's certificate"
+            }
+        };
+        reason = format!("server certificate verification failed ({reason}); {hint}");
+    }
     reason
+}
+
+/// Finds the rustls certificate error behind a TLS failure. tokio-postgres wraps it
+/// in an `io::Error`, whose `source` skips the wrapped error, so it is read with
+/// `get_ref`.
+fn find_certificate_error<'a>(
+    cause: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::CertificateError> {
+    let inner = cause.downcast_ref::<std::io::Error>()?.get_ref()?;
+    match inner.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(certificate_error) => Some(certificate_error),
+        _ => None,
+    }
 }
 
 /// Describes why a connection string did not parse, without repeating any part of it
@@ -331,6 +434,80 @@ mod tests {
     fn debug_output_hides_password() {
         let target = DatabaseTarget::parse("postgres://app:hunter22@host/db").unwrap();
         assert!(!format!("{target:?}").contains("hunter22"));
+    }
+
+    #[test]
+    fn parse_accepts_tls_settings_in_both_forms() {
+        let url = DatabaseTarget::parse("postgres://app@db/kpi?sslmode=verify-full").unwrap();
+        assert_eq!(url.tls.mode, SslMode::VerifyFull);
+        assert_eq!(url.describe(), "app@db:5432/kpi");
+
+        let pairs = DatabaseTarget::parse("host=db user=app sslmode=verify-ca").unwrap();
+        assert_eq!(pairs.tls.mode, SslMode::VerifyCa);
+        assert_eq!(
+            pairs.config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+    }
+
+    #[test]
+    fn parse_keeps_tls_settings_in_copies() {
+        let target = DatabaseTarget::parse("host=db user=app sslmode=require").unwrap();
+        let copy = target
+            .with_dbname("other")
+            .with_application_name("freight-kpi listener");
+        assert_eq!(copy.tls, target.tls);
+        assert_eq!(
+            copy.config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+    }
+
+    #[test]
+    fn parse_turns_tls_off_for_unix_socket() {
+        let target = DatabaseTarget::parse("host=/tmp user=app sslmode=require").unwrap();
+        assert_eq!(
+            target.config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+    }
+
+    #[test]
+    fn parse_names_host_after_hostaddr() {
+        // Guards against a hostaddr-only target getting the Unix socket folder as its
+        // host, which leaves the TLS handshake without a server name.
+        let target = DatabaseTarget::parse("hostaddr=127.0.0.1 user=app").unwrap();
+        assert_eq!(target.describe(), "app@127.0.0.1:5432/app");
+    }
+
+    #[test]
+    fn parse_error_with_tls_settings_hides_password() {
+        let error =
+            DatabaseTarget::parse("postgres://app:hunter22@host:notaport/db?sslmode=verify-full")
+                .unwrap_err();
+        let message = error.to_string();
+        assert!(!message.contains("hunter22"), "{message}");
+        assert!(message.starts_with("invalid DATABASE_URL"), "{message}");
+    }
+
+    #[test]
+    fn parse_rejects_invalid_sslmode_without_echo() {
+        let error =
+            DatabaseTarget::parse("postgres://app:hunter22@host/db?sslmode=hunter22").unwrap_err();
+        let message = error.to_string();
+        assert!(!message.contains("hunter22"), "{message}");
+        assert!(message.contains("sslmode"), "{message}");
+    }
+
+    #[test]
+    fn parse_reports_unreadable_root_certificate() {
+        let error = DatabaseTarget::parse(
+            "postgres://app:hunter22@host/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+        )
+        .unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("/nonexistent/ca.pem"), "{message}");
+        assert!(!message.contains("hunter22"), "{message}");
     }
 
     #[test]
