@@ -2,11 +2,15 @@
 //! those that drifted and report what was found.
 
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::capture::BucketFailure;
-use crate::db::Pool;
+use crate::db::{connect_dedicated, Pool};
 use crate::error::{Error, Result};
-use crate::jobs::{finish_run, start_run, JobName, RunStatus};
+use crate::jobs::{
+    finish_run, run_job, start_run, Alert, AlertKind, Fence, JobContext, JobName, JobRun,
+    RunStatus, Trigger, WorkOutcome,
+};
 use crate::kpi::{self, BucketRange, FullPassSummary};
 
 /// What to reconcile.
@@ -43,20 +47,13 @@ pub async fn reconcile(pool: &Pool, options: &ReconcileOptions) -> Result<Reconc
     tracing::Span::current().record("job.run_id", run_id);
     tracing::info!(dry_run = options.dry_run, "reconcile started");
 
-    let outcome = full_pass(pool, options).await;
+    let outcome = full_pass_fenced(pool, options, &Fence::Unlocked).await;
 
     let (status, stats, error) = match &outcome {
-        Ok(summary) if summary.overflowed.is_empty() => {
-            (RunStatus::Success, stats_json(options, summary), None)
+        Ok(summary) => {
+            let (status, error) = status_of(summary);
+            (status, stats_json(options, summary), error)
         }
-        Ok(summary) => (
-            RunStatus::Partial,
-            stats_json(options, summary),
-            Some(format!(
-                "{} buckets overflow their columns",
-                summary.overflowed.len()
-            )),
-        ),
         Err(error) => (
             RunStatus::Error,
             json!({ "dry_run": options.dry_run }),
@@ -66,6 +63,94 @@ pub async fn reconcile(pool: &Pool, options: &ReconcileOptions) -> Result<Reconc
     finish_run(&**log_client, run_id, status, &stats, error.as_deref()).await?;
     let summary = outcome?;
 
+    log_findings(&summary, status);
+    Ok(ReconcileReport {
+        run_id,
+        status,
+        summary,
+    })
+}
+
+/// Runs one reconcile as job KPI_AGGREGATION under the job lock, as `freight-kpi
+/// reconcile` and the scheduler do.
+///
+/// When another instance holds the lock the reconcile does not run and a SKIPPED row
+/// is logged. Otherwise the repair transaction checks the lock's fence before it
+/// writes, so a holder that lost its lock (or whose lease moved on) writes nothing.
+/// Drift found is alerted, as are ERROR and PARTIAL runs (see [`run_job`]).
+///
+/// # Errors
+///
+/// [`Error`] when the lock or the run log cannot be written; a failed pass is an ERROR
+/// run, not an error.
+pub async fn reconcile_job(
+    context: &JobContext,
+    options: &ReconcileOptions,
+    trigger: Trigger,
+    shutdown: &CancellationToken,
+) -> Result<JobRun<FullPassSummary>> {
+    let pool = &context.pool;
+    let run = run_job(
+        context,
+        JobName::KpiAggregation,
+        trigger,
+        shutdown,
+        |fence| async move {
+            let summary = full_pass_fenced(pool, options, &fence).await?;
+            let (status, error) = status_of(&summary);
+            Ok(WorkOutcome {
+                status,
+                stats: stats_json(options, &summary),
+                error,
+                output: summary,
+            })
+        },
+    )
+    .await?;
+
+    if let JobRun::Finished {
+        run_id,
+        status,
+        output: Some(summary),
+        ..
+    } = &run
+    {
+        log_findings(summary, *status);
+        if summary.drifted > 0 {
+            let mut alert = Alert::new(
+                AlertKind::Drift,
+                JobName::KpiAggregation,
+                format!(
+                    "reconcile run {run_id} found {} drifted buckets ({} repaired): the incremental path missed changes and must be investigated",
+                    summary.drifted, summary.repaired
+                ),
+            );
+            alert.run_id = Some(*run_id);
+            if let Trigger::Scheduled { slot, .. } = trigger {
+                alert.slot = Some(slot);
+            }
+            alert.details = stats_json(options, summary);
+            context.alerts.send(alert);
+        }
+    }
+    Ok(run)
+}
+
+fn status_of(summary: &FullPassSummary) -> (RunStatus, Option<String>) {
+    if summary.overflowed.is_empty() {
+        (RunStatus::Success, None)
+    } else {
+        (
+            RunStatus::Partial,
+            Some(format!(
+                "{} buckets overflow their columns",
+                summary.overflowed.len()
+            )),
+        )
+    }
+}
+
+fn log_findings(summary: &FullPassSummary, status: RunStatus) {
     for failure in summary.overflowed.iter().map(BucketFailure::from) {
         tracing::error!(
             bucket.venture_id = failure.bucket.venture_id,
@@ -90,22 +175,77 @@ pub async fn reconcile(pool: &Pool, options: &ReconcileOptions) -> Result<Reconc
         status = status.as_str(),
         "reconcile finished"
     );
-    Ok(ReconcileReport {
-        run_id,
-        status,
-        summary,
-    })
 }
 
-async fn full_pass(pool: &Pool, options: &ReconcileOptions) -> Result<FullPassSummary> {
-    let mut client = pool.get().await?;
-    let transaction = client
-        .transaction()
+/// Cancels the statement of a backend when dropped before [`CancelOnDrop::disarm`],
+/// so a reconcile dropped mid-statement (its lock lost) frees its bucket locks at once
+/// instead of when the statement ends.
+struct CancelOnDrop {
+    pool: Pool,
+    backend_pid: i32,
+    armed: bool,
+}
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.armed {
+            return;
+        }
+        let (pool, pid) = (self.pool.clone(), self.backend_pid);
+        runtime.spawn(async move {
+            if let Ok(client) = pool.get().await {
+                let _ = client
+                    .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                    .await;
+            }
+        });
+    }
+}
+
+/// Runs the full pass in one transaction on a connection of its own. Unless it is a
+/// dry run, the pass takes every bucket lock and then checks `fence` before it writes:
+/// a pass whose job lock was lost meanwhile writes nothing.
+///
+/// # Cancel safety
+///
+/// Dropping the future closes the connection, which rolls the transaction back, and
+/// cancels a statement still running on the server.
+///
+/// # Errors
+///
+/// [`Error::Fenced`] or [`Error::LockLost`] from the fence, [`Error::Database`] from
+/// the pass.
+pub async fn full_pass_fenced(
+    pool: &Pool,
+    options: &ReconcileOptions,
+    fence: &Fence,
+) -> Result<FullPassSummary> {
+    let target = pool.target().with_application_name("freight-kpi reconcile");
+    let (mut client, _messages) = connect_dedicated(&target).await?;
+    let transaction = crate::db::begin_bounded(&mut client, None).await?;
+    let backend_pid: i32 = transaction
+        .query_one("SELECT pg_backend_pid()", &[])
         .await
-        .map_err(Error::database("begin the reconcile"))?;
+        .map_err(Error::database("read the reconcile's backend"))?
+        .get(0);
+    let cancel_on_drop = CancelOnDrop {
+        pool: pool.clone(),
+        backend_pid,
+        armed: true,
+    };
 
     if !options.dry_run {
         kpi::lock_all_buckets(&transaction).await?;
+        fence.check(&transaction).await?;
     }
     let summary = kpi::full_pass(&transaction, options.range, options.dry_run).await?;
 
@@ -113,6 +253,7 @@ async fn full_pass(pool: &Pool, options: &ReconcileOptions) -> Result<FullPassSu
         .commit()
         .await
         .map_err(Error::database("commit the reconcile"))?;
+    cancel_on_drop.disarm();
     Ok(summary)
 }
 
