@@ -13,7 +13,7 @@ const HISTORY_TABLE: &str = "freight_kpi.schema_history";
 /// Advisory lock key (two-key form) held while migrating, so that instances started
 /// together apply each migration once. The first key is the namespace of every
 /// advisory lock this service takes.
-const MIGRATE_LOCK: (i32, i32) = (crate::ADVISORY_LOCK_NAMESPACE, 0);
+pub(crate) const MIGRATE_LOCK: (i32, i32) = (crate::ADVISORY_LOCK_NAMESPACE, 0);
 
 /// Outcome of a migration run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +68,7 @@ async fn apply(client: &mut Client) -> Result<MigrationReport> {
         .set_migration_table_name(HISTORY_TABLE)
         .run_async(client)
         .await
-        .map_err(|error| Error::Migrate(error.to_string()))?;
+        .map_err(|error| Error::Migrate(describe_migration_error(&error)))?;
 
     let applied = report
         .applied_migrations()
@@ -76,4 +76,39 @@ async fn apply(client: &mut Client) -> Result<MigrationReport> {
         .map(|migration| migration.to_string())
         .collect();
     Ok(MigrationReport { applied })
+}
+
+/// Describes a failed migration with the server's own words. refinery's message wraps
+/// the driver's error, whose `Display` is only "db error", so the server's message,
+/// detail and hint (such as the key of a duplicate row) come from the `DbError` found
+/// in the source chain.
+fn describe_migration_error(error: &refinery::Error) -> String {
+    let mut text = match error.kind() {
+        refinery::error::Kind::Connection(context, _) => context.clone(),
+        _ => error.to_string(),
+    };
+
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let db_error = cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error);
+        match db_error {
+            Some(db_error) => {
+                text.push_str(": ");
+                text.push_str(db_error.message());
+                if let Some(detail) = db_error.detail() {
+                    text.push_str(&format!(" (detail: {detail})"));
+                }
+                if let Some(hint) = db_error.hint() {
+                    text.push_str(&format!(" (hint: {hint})"));
+                }
+                // The driver's own source is this same server error again.
+                break;
+            }
+            None => text.push_str(&format!(": {cause}")),
+        }
+        source = cause.source();
+    }
+    text
 }
