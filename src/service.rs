@@ -20,6 +20,7 @@ use crate::db::Pool;
 use crate::error::Result;
 use crate::kpi::check_kpi_table;
 use crate::listen::{validate_channel, ListenerCounters, ListenerSession, Settled};
+use crate::observe::{serve_http, Telemetry};
 
 /// Time an in-flight batch gets to commit after a shutdown request; past it the batch
 /// is rolled back and its changes stay queued. Together with the connection close
@@ -77,6 +78,8 @@ impl IncrementalStats {
 pub struct ServiceHandles {
     pub stats: Arc<Mutex<IncrementalStats>>,
     pub notifications: Arc<ListenerCounters>,
+    /// Prometheus metrics and the state `/readyz` reads.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Runs the listener and the incremental recompute until `shutdown` completes.
@@ -107,6 +110,29 @@ pub async fn run(
         shutdown.await;
         cancel_on_shutdown.cancel();
     });
+    handles
+        .telemetry
+        .attach_notifications(handles.notifications.clone());
+    let http = match &settings.http {
+        Some(http) => Some(
+            serve_http(
+                http,
+                pool.clone(),
+                handles.telemetry.clone(),
+                cancel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
+    let jobs = crate::jobs::JobControl::start(
+        &settings.jobs,
+        pool.clone(),
+        handles.stats.clone(),
+        handles.telemetry.clone(),
+        cancel.clone(),
+    )?;
 
     let listener_id = format!("{:016x}", rand::random::<u64>());
     tracing::info!(
@@ -122,7 +148,18 @@ pub async fn run(
         cancel,
         listener_id,
     };
-    service.listen_until_cancelled().await;
+    // Both wind down at once after the cancellation, so their shutdown grace periods
+    // overlap and the process stops within 10 seconds.
+    let cancelled = service.cancel.clone();
+    let stop_jobs = async move {
+        cancelled.cancelled().await;
+        jobs.stop().await;
+    };
+    tokio::join!(service.listen_until_cancelled(), stop_jobs);
+    if let Some(http) = http {
+        // The endpoint stops on the same cancellation; waiting frees its port.
+        let _ = http.await;
+    }
     service.pool.close();
 
     let stats = service
@@ -162,13 +199,18 @@ impl Service {
         let mut connected_before = false;
 
         'connect: while !self.cancel.is_cancelled() {
-            let session = ListenerSession::connect(
-                &self.settings.target,
-                &self.settings.channel,
-                &self.listener_id,
-                self.handles.notifications.clone(),
-            )
-            .await;
+            // A cancelled connect leaves at worst an unarmed listener row, which
+            // expires with its heartbeat.
+            let session = tokio::select! {
+                () = self.cancel.cancelled() => break 'connect,
+                session = ListenerSession::connect(
+                    &self.settings.target,
+                    &self.settings.channel,
+                    &self.listener_id,
+                    self.handles.notifications.clone(),
+                    self.settings.ping_timeout,
+                ) => session,
+            };
             let mut session = match session {
                 Ok(session) => session,
                 Err(error) => {
@@ -184,16 +226,38 @@ impl Service {
             } else {
                 tracing::info!(listener.id = %self.listener_id, "listener connected");
             }
+            self.handles
+                .telemetry
+                .record_listener_connected(connected_before);
             connected_before = true;
 
-            match self.run_session(&mut session).await {
+            let end = self.run_session(&mut session).await;
+            self.handles.telemetry.record_listener_detached();
+            match end {
                 SessionEnd::Cancelled => {
-                    session.deregister().await;
+                    // A connection that went silent would hold the stop for the whole
+                    // statement timeout; past the grace the row expires with its
+                    // heartbeat instead.
+                    if tokio::time::timeout(SHUTDOWN_GRACE, session.deregister())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("removing the listener row timed out at shutdown; it expires with its heartbeat");
+                    }
                     break 'connect;
                 }
                 SessionEnd::Lost(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %error_chain(&error), retry_in_ms = delay.as_millis() as u64, "listener connection lost");
+                    // Whatever silenced the listener (a cut network, a restarted server)
+                    // has likely hit the idle pooled connections too.
+                    let discarded = self.pool.discard_idle();
+                    if discarded > 0 {
+                        tracing::info!(
+                            discarded,
+                            "dropped idle pooled connections after the listener loss"
+                        );
+                    }
                     self.sleep_unless_cancelled(delay).await;
                 }
             }
@@ -201,27 +265,35 @@ impl Service {
     }
 
     /// Runs arm, drain and wait cycles on one connection until it is lost or the
-    /// service is cancelled.
+    /// service is cancelled. The debounce window, the wait for a wake-up and each
+    /// listener statement end on the cancellation; only a batch in flight gets
+    /// [`SHUTDOWN_GRACE`] to commit.
     async fn run_session(&self, session: &mut ListenerSession) -> SessionEnd {
         let mut drain_backoff =
             Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
 
         loop {
-            if let Err(error) = session.arm().await {
+            let armed = tokio::select! {
+                () = self.cancel.cancelled() => return SessionEnd::Cancelled,
+                armed = session.arm() => armed,
+            };
+            if let Err(error) = armed {
                 return SessionEnd::Lost(error);
             }
 
-            match self.drain().await {
-                Ok(()) => drain_backoff.reset(),
-                Err(error) => {
-                    let delay = drain_backoff.next_delay();
-                    tracing::error!(error = %error_chain(&error), retry_in_ms = delay.as_millis() as u64, "draining the change queue failed; the changes stay queued");
-                    self.sleep_unless_cancelled(delay).await;
-                }
-            }
+            let drained = self.drain().await;
             if self.cancel.is_cancelled() {
                 return SessionEnd::Cancelled;
             }
+            if let Err(error) = drained {
+                // Retry after the delay, re-arming first, rather than wait for a
+                // notification that may not come: the changes are already queued.
+                let delay = drain_backoff.next_delay();
+                tracing::error!(error = %error_chain(&error), retry_in_ms = delay.as_millis() as u64, "draining the change queue failed; the changes stay queued");
+                self.sleep_unless_cancelled(delay).await;
+                continue;
+            }
+            drain_backoff.reset();
 
             match self.wait_for_wake(session).await {
                 Wait::Wake => {}
@@ -231,10 +303,20 @@ impl Service {
             }
 
             // Awake: stop writers from notifying, then let the burst settle.
-            if let Err(error) = session.disarm().await {
+            let disarmed = tokio::select! {
+                () = self.cancel.cancelled() => return SessionEnd::Cancelled,
+                disarmed = session.disarm() => disarmed,
+            };
+            if let Err(error) = disarmed {
                 return SessionEnd::Lost(error);
             }
-            if self.settings.debounce.settle(session.wakes()).await == Settled::Closed {
+            // The changes of the burst stay queued when the cancellation ends the
+            // window, and the next start drains them.
+            let settled = tokio::select! {
+                () = self.cancel.cancelled() => return SessionEnd::Cancelled,
+                settled = self.settings.debounce.settle(session.wakes()) => settled,
+            };
+            if settled == Settled::Closed {
                 return SessionEnd::Lost(crate::Error::Connect {
                     target: self.settings.target.describe(),
                     reason: "the listener connection closed".to_owned(),
@@ -259,7 +341,11 @@ impl Service {
                 },
                 () = sleep_until(poll_at) => return Wait::Poll,
                 () = sleep_until(ping_at) => {
-                    if let Err(error) = session.ping(self.settings.ping_timeout).await {
+                    let pinged = tokio::select! {
+                        () = self.cancel.cancelled() => return Wait::Cancelled,
+                        pinged = session.ping(self.settings.ping_timeout) => pinged,
+                    };
+                    if let Err(error) = pinged {
                         return Wait::Lost(error);
                     }
                     ping_at = Instant::now() + self.settings.ping_interval;
@@ -270,6 +356,9 @@ impl Service {
 
     /// Drains the queue; on shutdown the batch in flight gets [`SHUTDOWN_GRACE`] to
     /// commit before it is rolled back.
+    /// Each statement of a batch has a time limit ([`crate::capture::DrainSettings`]),
+    /// so a pooled connection that goes silent mid-batch fails the batch instead of
+    /// stalling the service.
     async fn drain(&self) -> Result<()> {
         let record = |report: &BatchReport| {
             self.handles
@@ -277,6 +366,7 @@ impl Service {
                 .lock()
                 .expect("stats lock poisoned")
                 .record(report);
+            self.handles.telemetry.record_batch(report);
         };
         let drain = drain_queue(&self.pool, &self.settings.drain, record, || {
             self.cancel.is_cancelled()

@@ -3,30 +3,47 @@
 //! step leaves the changes in the queue for a retry.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 
 use super::queue::{claim_changes, select_due_failures, settle_failures, BucketFailure};
-use crate::db::Pool;
+use crate::db::{begin_bounded, Pool};
 use crate::error::{Error, Result};
 use crate::kpi::{self, Bucket, BucketRange};
 
-/// How batches are sized.
+/// Sizes and time limits of batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainSettings {
-    /// Queue rows claimed per batch.
+    /// Queue rows claimed per batch (default 5,000).
     pub batch_size: i64,
+    /// Limit on each statement of a batch (default 10 s), except the full pass after a
+    /// TRUNCATE. A connection that goes silent mid-batch fails the batch after this
+    /// long instead of stalling the service, and the connection is then discarded.
+    pub statement_timeout: Duration,
+    /// Server-side limit on waiting for a lock (default 10 s), such as the bucket
+    /// locks that a running reconcile holds for its whole pass. The batch then fails
+    /// with lock_not_available and is retried, and its connection is kept. The
+    /// client allows this plus `statement_timeout` for such a wait.
+    pub lock_wait_timeout: Duration,
+    /// Limit on the full pass after a TRUNCATE (default 30 min).
+    pub long_statement_timeout: Duration,
 }
 
 impl Default for DrainSettings {
     fn default() -> Self {
-        Self { batch_size: 5_000 }
+        Self {
+            batch_size: 5_000,
+            statement_timeout: Duration::from_secs(10),
+            lock_wait_timeout: Duration::from_secs(10),
+            long_statement_timeout: Duration::from_secs(30 * 60),
+        }
     }
 }
 
-/// What one committed batch did.
+/// Figures of one committed batch.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchReport {
     /// Queue rows consumed.
@@ -58,13 +75,43 @@ pub struct BatchReport {
 #[tracing::instrument(name = "batch", skip_all, fields(batch.changes, batch.buckets))]
 pub async fn process_batch(pool: &Pool, settings: &DrainSettings) -> Result<Option<BatchReport>> {
     let mut client = pool.get().await?;
-    let mut transaction = client
-        .transaction()
-        .await
-        .map_err(Error::database("begin a batch"))?;
 
-    let claimed = claim_changes(&transaction, settings.batch_size).await?;
-    let retries = select_due_failures(&transaction, settings.batch_size).await?;
+    let outcome = run_batch(&mut client, settings).await;
+
+    if outcome.as_ref().is_err_and(Error::is_connection_lost) {
+        // A timed-out connection may be silent rather than closed, and the pool would
+        // hand it out again. Taking it out of the pool closes it instead.
+        drop(deadpool_postgres::Object::take(client));
+    }
+    outcome
+}
+
+async fn run_batch(
+    client: &mut tokio_postgres::Client,
+    settings: &DrainSettings,
+) -> Result<Option<BatchReport>> {
+    let short = settings.statement_timeout;
+    let long = settings.long_statement_timeout;
+    let lock_wait = settings.lock_wait_timeout + short;
+    let mut transaction = bounded(
+        short,
+        "begin a batch",
+        begin_bounded(client, Some(settings.lock_wait_timeout)),
+    )
+    .await?;
+
+    let claimed = bounded(
+        short,
+        "claim changes from the queue",
+        claim_changes(&transaction, settings.batch_size),
+    )
+    .await?;
+    let retries = bounded(
+        short,
+        "read failed buckets due for a retry",
+        select_due_failures(&transaction, settings.batch_size),
+    )
+    .await?;
     if claimed.change_count() == 0 && retries.is_empty() {
         return Ok(None);
     }
@@ -76,19 +123,27 @@ pub async fn process_batch(pool: &Pool, settings: &DrainSettings) -> Result<Opti
     span.record("batch.buckets", buckets.len());
 
     let (recomputed, written, failed) = if claimed.every_bucket {
-        recompute_every_bucket(&transaction).await?
+        recompute_every_bucket(&transaction, long).await?
     } else {
-        recompute_isolated(&mut transaction, &buckets).await?
+        recompute_isolated(&mut transaction, &buckets, short, lock_wait).await?
     };
 
     let failed_keys: BTreeSet<Bucket> = failed.iter().map(|failure| failure.bucket).collect();
     let succeeded: BTreeSet<Bucket> = buckets.difference(&failed_keys).copied().collect();
-    settle_failures(&transaction, &succeeded, &failed).await?;
+    bounded(
+        short,
+        "settle failed buckets",
+        settle_failures(&transaction, &succeeded, &failed),
+    )
+    .await?;
 
-    transaction
-        .commit()
-        .await
-        .map_err(Error::database("commit a batch"))?;
+    bounded(short, "commit a batch", async {
+        transaction
+            .commit()
+            .await
+            .map_err(Error::database("commit a batch"))
+    })
+    .await?;
 
     let since_claim_ms = claimed_at.elapsed().as_secs_f64() * 1000.0;
     let latencies_ms = claimed
@@ -116,7 +171,18 @@ pub async fn process_batch(pool: &Pool, settings: &DrainSettings) -> Result<Opti
     }))
 }
 
-/// Processes batches until the queue holds nothing unclaimed, or `stop` returns true
+/// Awaits `future` for at most `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    operation: &'static str,
+    future: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .map_err(|_| Error::Timeout { operation, timeout })?
+}
+
+/// Processes batches until the queue has nothing unclaimed, or `stop` returns true
 /// between two batches. Returns the reports of the committed batches.
 ///
 /// # Errors
@@ -129,8 +195,16 @@ pub async fn drain_queue(
     stop: impl Fn() -> bool,
 ) -> Result<()> {
     while !stop() {
-        let Some(report) = process_batch(pool, settings).await? else {
-            return Ok(());
+        let report = match process_batch(pool, settings).await {
+            Ok(Some(report)) => report,
+            Ok(None) => return Ok(()),
+            Err(error) if is_lock_busy(&error) => {
+                // A reconcile holds the bucket locks for its whole pass. The server
+                // waited lock_wait_timeout already, so trying again at once is paced.
+                tracing::info!(error = %error_chain(&error), "bucket locks busy, probably a reconcile; retrying the batch");
+                continue;
+            }
+            Err(error) => return Err(error),
         };
         on_batch(&report);
         if (report.changes as i64) < settings.batch_size && !report.every_bucket {
@@ -145,29 +219,46 @@ pub async fn drain_queue(
 /// After a TRUNCATE: one full pass over every bucket, under every bucket lock.
 async fn recompute_every_bucket(
     transaction: &Transaction<'_>,
+    timeout: Duration,
 ) -> Result<(u64, u64, Vec<BucketFailure>)> {
-    kpi::lock_all_buckets(transaction).await?;
-    let summary = kpi::full_pass(transaction, BucketRange::default(), false).await?;
+    let summary = bounded(timeout, "recompute every bucket", async {
+        kpi::lock_all_buckets(transaction).await?;
+        kpi::full_pass(transaction, BucketRange::default(), false).await
+    })
+    .await?;
     let failed = summary.overflowed.iter().map(BucketFailure::from).collect();
     Ok((summary.scanned, summary.repaired, failed))
 }
 
 /// Recomputes `buckets` in one statement. If the server rejects the statement for a
-/// bad value (a data exception, which the overflow check in the statement should
-/// prevent, but a schema with narrower columns can still raise), each bucket is
-/// retried alone so that only the offending ones fail.
+/// bad value, each bucket is retried alone so that only the offending ones fail. The
+/// overflow check in the statement prevents such data exceptions on the contract's
+/// columns, but a schema with narrower columns can still raise them.
 async fn recompute_isolated(
     transaction: &mut Transaction<'_>,
     buckets: &BTreeSet<Bucket>,
+    timeout: Duration,
+    lock_timeout: Duration,
 ) -> Result<(u64, u64, Vec<BucketFailure>)> {
     let keys: Vec<Bucket> = buckets.iter().copied().collect();
-    kpi::lock_buckets(&*transaction, &keys).await?;
+    bounded(
+        lock_timeout,
+        "wait for bucket locks",
+        kpi::lock_buckets(&*transaction, &keys),
+    )
+    .await?;
 
     let mut savepoint = transaction
         .savepoint("recompute_batch")
         .await
         .map_err(Error::database("create a savepoint"))?;
-    match kpi::recompute_buckets(&savepoint, &keys).await {
+    match bounded(
+        timeout,
+        "recompute buckets",
+        kpi::recompute_buckets(&savepoint, &keys),
+    )
+    .await
+    {
         Ok(outcome) => {
             savepoint
                 .commit()
@@ -194,7 +285,13 @@ async fn recompute_isolated(
             .savepoint("recompute_bucket")
             .await
             .map_err(Error::database("create a savepoint"))?;
-        match kpi::recompute_buckets(&savepoint, &[bucket]).await {
+        match bounded(
+            timeout,
+            "recompute a bucket",
+            kpi::recompute_buckets(&savepoint, &[bucket]),
+        )
+        .await
+        {
             Ok(outcome) => {
                 savepoint
                     .commit()
@@ -218,6 +315,11 @@ async fn recompute_isolated(
         }
     }
     Ok((recomputed, written, failed))
+}
+
+/// Tells whether the server gave up waiting for a lock (SQLSTATE 55P03).
+fn is_lock_busy(error: &Error) -> bool {
+    matches!(error, Error::Database { source, .. } if source.code() == Some(&SqlState::LOCK_NOT_AVAILABLE))
 }
 
 /// Tells whether the server rejected a value (SQLSTATE class 22, data exception).

@@ -1,5 +1,6 @@
 //! One connection of the listener, from `LISTEN` to its loss.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,21 +51,27 @@ pub struct ListenerSession {
     client: Client,
     wakes: mpsc::Receiver<()>,
     listener_id: String,
+    statement_timeout: Duration,
 }
 
 impl ListenerSession {
     /// Connects with `application_name` `freight-kpi listener`, runs `LISTEN` and
     /// registers the listener, disarmed. Stale rows of dead listeners are removed.
     ///
+    /// Every statement of the session, here and later, fails after
+    /// `statement_timeout`, so a connection that went silent is reported as lost
+    /// instead of hanging the listener.
+    ///
     /// # Errors
     ///
-    /// [`Error::Connect`] or [`Error::Database`]; nothing is left behind but, at worst,
-    /// a listener row that expires with its heartbeat.
+    /// [`Error::Connect`], [`Error::Database`] or [`Error::Timeout`]; nothing is left
+    /// behind but, at worst, a listener row that expires with its heartbeat.
     pub async fn connect(
         target: &DatabaseTarget,
         channel: &str,
         listener_id: &str,
         counters: Arc<ListenerCounters>,
+        statement_timeout: Duration,
     ) -> Result<Self> {
         let target = target.with_application_name("freight-kpi listener");
         let (client, messages) = connect_dedicated(&target).await?;
@@ -77,27 +84,34 @@ impl ListenerSession {
             counters,
         ));
 
-        client
-            .batch_execute(&format!("LISTEN {}", quote_identifier(channel)))
-            .await
-            .map_err(Error::database("listen on the channel"))?;
-        client
-            .execute(
+        let listen = format!("LISTEN {}", quote_identifier(channel));
+        bounded(
+            statement_timeout,
+            "listen on the channel",
+            client.batch_execute(&listen),
+        )
+        .await?;
+        bounded(
+            statement_timeout,
+            "register the listener",
+            client.execute(
                 r#"INSERT INTO freight_kpi.listener (listener_id, channel, armed, heartbeat_at)
                    VALUES ($1, $2, false, now())
                    ON CONFLICT (listener_id) DO UPDATE
                    SET channel = EXCLUDED.channel, armed = false, heartbeat_at = now()"#,
                 &[&listener_id, &channel],
-            )
-            .await
-            .map_err(Error::database("register the listener"))?;
-        let removed = client
-            .execute(
+            ),
+        )
+        .await?;
+        let removed = bounded(
+            statement_timeout,
+            "remove stale listeners",
+            client.execute(
                 "DELETE FROM freight_kpi.listener WHERE heartbeat_at < now() - make_interval(secs => $1)",
                 &[&STALE_LISTENER_AFTER_SECONDS],
-            )
-            .await
-            .map_err(Error::database("remove stale listeners"))?;
+            ),
+        )
+        .await?;
         if removed > 0 {
             tracing::info!(removed, "removed listeners with a stale heartbeat");
         }
@@ -106,6 +120,7 @@ impl ListenerSession {
             client,
             wakes,
             listener_id: listener_id.to_owned(),
+            statement_timeout,
         })
     }
 
@@ -114,7 +129,8 @@ impl ListenerSession {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the connection fails.
+    /// [`Error::Database`] when the connection fails, [`Error::Timeout`] when it is
+    /// silent.
     pub async fn arm(&self) -> Result<()> {
         self.set_armed(true).await
     }
@@ -123,20 +139,22 @@ impl ListenerSession {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the connection fails.
+    /// [`Error::Database`] when the connection fails, [`Error::Timeout`] when it is
+    /// silent.
     pub async fn disarm(&self) -> Result<()> {
         self.set_armed(false).await
     }
 
     async fn set_armed(&self, armed: bool) -> Result<()> {
-        let updated = self
-            .client
-            .execute(
+        let updated = bounded(
+            self.statement_timeout,
+            "arm the listener",
+            self.client.execute(
                 "UPDATE freight_kpi.listener SET armed = $2, heartbeat_at = now() WHERE listener_id = $1",
                 &[&self.listener_id, &armed],
-            )
-            .await
-            .map_err(Error::database("arm the listener"))?;
+            ),
+        )
+        .await?;
         if updated == 0 {
             return Err(Error::SchemaMissing(format!(
                 "the row of listener {} vanished from freight_kpi.listener",
@@ -182,16 +200,31 @@ impl ListenerSession {
 
     /// Removes the listener's row so writers stop notifying it, before a clean exit.
     pub async fn deregister(&self) {
-        let removed = self
-            .client
-            .execute(
+        let removed = bounded(
+            self.statement_timeout,
+            "remove the listener row",
+            self.client.execute(
                 "DELETE FROM freight_kpi.listener WHERE listener_id = $1",
                 &[&self.listener_id],
-            )
-            .await;
+            ),
+        )
+        .await;
         if let Err(error) = removed {
-            tracing::warn!(error = %error, "failed to remove the listener row; it expires with its heartbeat");
+            tracing::warn!(error = %crate::capture::error_chain(&error), "failed to remove the listener row; it expires with its heartbeat");
         }
+    }
+}
+
+/// Runs one statement of the listener connection, or fails with [`Error::Timeout`]
+/// when the server sends no response within `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    operation: &'static str,
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, statement).await {
+        Ok(outcome) => outcome.map_err(Error::database(operation)),
+        Err(_) => Err(Error::Timeout { operation, timeout }),
     }
 }
 
