@@ -51,12 +51,20 @@ GRANT SELECT ON freight_kpi.listener TO PUBLIC;
 
 -- Sends one empty notification per armed channel. The payload stays empty, so no
 -- statement, however large, comes near the 8000-byte limit of NOTIFY.
+--
+-- At REPEATABLE READ and SERIALIZABLE, a writer reads the listener table as of its
+-- snapshot, which can predate a listener arming itself. Such writers therefore notify
+-- every registered channel. Writers at READ COMMITTED, the default, read the flag as
+-- it is at commit.
 CREATE OR REPLACE FUNCTION freight_kpi.wake_listeners() RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     armed_channel text;
+    fresh_read boolean := current_setting('transaction_isolation') = 'read committed';
 BEGIN
-    FOR armed_channel IN SELECT DISTINCT channel FROM freight_kpi.listener WHERE armed LOOP
+    FOR armed_channel IN
+        SELECT DISTINCT channel FROM freight_kpi.listener WHERE armed OR NOT fresh_read
+    LOOP
         PERFORM pg_notify(armed_channel, '');
     END LOOP;
 END
@@ -98,12 +106,24 @@ CREATE CONSTRAINT TRIGGER freight_kpi_wake_at_commit
     EXECUTE FUNCTION freight_kpi.wake_at_commit();
 
 -- The bucket of a load is its venture and the UTC calendar day of "createdAt", whatever
--- the TimeZone setting of the writing session.
+-- the TimeZone setting of the writing session. For a timestamptz column that is the
+-- day at UTC. An ORM may declare the column timestamp without time zone and store UTC
+-- wall-clock values in it (Prisma's DateTime does), so for that type the stored value's
+-- own day is the UTC day. The overload that matches the column's type is chosen when
+-- a statement is planned, and both are inlined.
+CREATE OR REPLACE FUNCTION freight_kpi.utc_day(moment timestamptz) RETURNS date
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT (moment AT TIME ZONE 'UTC')::date $$;
+
+CREATE OR REPLACE FUNCTION freight_kpi.utc_day(moment timestamp) RETURNS date
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT moment::date $$;
+
+GRANT EXECUTE ON FUNCTION freight_kpi.utc_day(timestamptz) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION freight_kpi.utc_day(timestamp) TO PUBLIC;
 CREATE OR REPLACE FUNCTION freight_kpi.capture_load_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO freight_kpi.change_queue (venture_id, day)
-    SELECT DISTINCT "ventureId", ("createdAt" AT TIME ZONE 'UTC')::date
+    SELECT DISTINCT "ventureId", freight_kpi.utc_day("createdAt")
     FROM inserted_loads;
 
     RETURN NULL;
@@ -114,7 +134,7 @@ CREATE OR REPLACE FUNCTION freight_kpi.capture_load_delete() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO freight_kpi.change_queue (venture_id, day)
-    SELECT DISTINCT "ventureId", ("createdAt" AT TIME ZONE 'UTC')::date
+    SELECT DISTINCT "ventureId", freight_kpi.utc_day("createdAt")
     FROM deleted_loads;
 
     RETURN NULL;
@@ -129,12 +149,12 @@ CREATE OR REPLACE FUNCTION freight_kpi.capture_load_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     WITH new_inputs AS (
-        SELECT "ventureId" AS venture_id, ("createdAt" AT TIME ZONE 'UTC')::date AS day,
+        SELECT "ventureId" AS venture_id, freight_kpi.utc_day("createdAt") AS day,
                status, "billAmount", "costAmount", "billingDate" IS NOT NULL AS billed
         FROM updated_loads_new
     ),
     old_inputs AS (
-        SELECT "ventureId" AS venture_id, ("createdAt" AT TIME ZONE 'UTC')::date AS day,
+        SELECT "ventureId" AS venture_id, freight_kpi.utc_day("createdAt") AS day,
                status, "billAmount", "costAmount", "billingDate" IS NOT NULL AS billed
         FROM updated_loads_old
     ),

@@ -168,3 +168,87 @@ async fn attached_service_keeps_kpis_exact() {
     );
     service.stop().await;
 }
+
+// Regression: with a "createdAt" of type timestamp without time zone, as Prisma declares
+// DateTime, the day depended on the writer's TimeZone and buckets went missing.
+#[tokio::test]
+async fn timestamp_created_at_uses_stored_utc_day() {
+    let db = TestDb::empty().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            r#"CREATE TYPE "LoadStatus" AS ENUM ('OPEN', 'WORKING', 'QUOTED', 'COVERED', 'IN_TRANSIT', 'DELIVERED', 'LOST', 'CANCELLED');
+               CREATE TABLE "Load" (
+                   id bigserial PRIMARY KEY,
+                   "ventureId" integer NOT NULL,
+                   status "LoadStatus" NOT NULL DEFAULT 'OPEN',
+                   "billAmount" numeric(12, 2),
+                   "costAmount" numeric(12, 2),
+                   "billingDate" timestamp(3),
+                   "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                   "updatedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP
+               );"#,
+        )
+        .await
+        .unwrap();
+    let (mut migrating, _messages) = connect_dedicated(&db.target).await.unwrap();
+    migrate(&mut migrating).await.unwrap();
+    let service = start_service(&db, test_settings(&db)).await;
+
+    // Stored values are UTC wall time, whatever zone the writing session is in.
+    for (zone, created_at) in [
+        ("Pacific/Kiritimati", "2026-01-01 23:30"),
+        ("America/Adak", "2026-01-01 00:30"),
+        ("Asia/Kathmandu", "2026-01-02 00:05"),
+    ] {
+        client
+            .batch_execute(&format!(
+                r#"BEGIN;
+                   SET LOCAL TimeZone = '{zone}';
+                   INSERT INTO "Load" ("ventureId", status, "createdAt") VALUES (3, 'QUOTED', '{created_at}');
+                   COMMIT;"#
+            ))
+            .await
+            .unwrap();
+    }
+
+    let expected = r#"
+        SELECT "ventureId", "createdAt"::date AS day, count(*)::integer AS inbound
+        FROM "Load" GROUP BY 1, 2 ORDER BY 1, 2"#;
+    let stored = r#"
+        SELECT "ventureId", date, "loadsInbound" FROM "FreightKpiDaily"
+        WHERE "loadsInbound" > 0 ORDER BY 1, 2"#;
+    let rows = |result: Vec<tokio_postgres::Row>| -> Vec<(i32, chrono::NaiveDate, i32)> {
+        result
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    };
+    common::wait_until(
+        "the buckets of the stored days",
+        Duration::from_secs(5),
+        || async {
+            rows(client.query(stored, &[]).await.unwrap())
+                == rows(client.query(expected, &[]).await.unwrap())
+        },
+    )
+    .await;
+    let buckets = rows(client.query(stored, &[]).await.unwrap());
+    assert_eq!(buckets.len(), 2, "{buckets:?}");
+
+    let pool = db.target.pool(2).unwrap();
+    let report = freight_kpi::reconcile::reconcile(
+        &pool,
+        &freight_kpi::reconcile::ReconcileOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report.summary.drifted, 0,
+        "reconcile agrees with the incremental path"
+    );
+    service.stop().await;
+}

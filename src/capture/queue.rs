@@ -2,11 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use chrono::NaiveDate;
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{Error, Result};
-use crate::kpi::{Bucket, BucketOverflow};
+use crate::kpi::{Bucket, BucketDay, BucketOverflow};
 
 /// A bucket whose recompute failed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -102,7 +101,7 @@ pub(crate) async fn claim_changes(
     let mut claimed = ClaimedChanges::default();
     for row in rows {
         let venture_id: Option<i32> = row.get("venture_id");
-        let day: Option<NaiveDate> = row.get("day");
+        let day: Option<BucketDay> = row.get("day");
         let ages_ms: Vec<f64> = row.get("ages_ms");
         claimed.ages_ms.extend(ages_ms);
         match (venture_id, day) {
@@ -160,7 +159,7 @@ pub(crate) async fn settle_failures(
     Ok(())
 }
 
-fn split_keys<'a>(buckets: impl Iterator<Item = &'a Bucket>) -> (Vec<i32>, Vec<NaiveDate>) {
+fn split_keys<'a>(buckets: impl Iterator<Item = &'a Bucket>) -> (Vec<i32>, Vec<BucketDay>) {
     buckets
         .map(|bucket| (bucket.venture_id, bucket.day))
         .unzip()

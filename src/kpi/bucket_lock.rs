@@ -23,7 +23,7 @@ pub const BUCKET_LOCK_STRIPES: i32 = 128;
 const FIRST_STRIPE_KEY: i32 = 1_000;
 
 fn stripe_of(bucket: &Bucket) -> i32 {
-    let day = i64::from(chrono::Datelike::num_days_from_ce(&bucket.day));
+    let day = i64::from(bucket.day.days_since_2000());
     let mixed = i64::from(bucket.venture_id)
         .wrapping_mul(1_000_003)
         .wrapping_add(day);
@@ -83,6 +83,7 @@ async fn lock_stripe_keys(transaction: &Transaction<'_>, keys: &[i32]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kpi::BucketDay;
     use chrono::NaiveDate;
 
     #[test]
@@ -93,7 +94,10 @@ mod tests {
                 NaiveDate::from_ymd_opt(2026, 12, 4).unwrap(),
                 NaiveDate::MAX,
             ] {
-                let stripe = stripe_of(&Bucket { venture_id, day });
+                let stripe = stripe_of(&Bucket {
+                    venture_id,
+                    day: BucketDay::from_date(day),
+                });
                 assert!(
                     (0..BUCKET_LOCK_STRIPES).contains(&stripe),
                     "{venture_id} {day} -> {stripe}"
@@ -104,11 +108,14 @@ mod tests {
 
     #[test]
     fn neighbouring_days_use_different_stripes() {
-        let day = NaiveDate::from_ymd_opt(2026, 12, 4).unwrap();
-        let first = stripe_of(&Bucket { venture_id: 3, day });
+        let date = NaiveDate::from_ymd_opt(2026, 12, 4).unwrap();
+        let first = stripe_of(&Bucket {
+            venture_id: 3,
+            day: BucketDay::from_date(date),
+        });
         let next = stripe_of(&Bucket {
             venture_id: 3,
-            day: day.succ_opt().unwrap(),
+            day: BucketDay::from_date(date.succ_opt().unwrap()),
         });
         assert_ne!(first, next);
     }

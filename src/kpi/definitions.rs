@@ -82,14 +82,18 @@ macro_rules! owned_columns {
     };
 }
 
-/// A JSON array describing the buckets of `checked` that do not fit their columns.
+/// Parallel arrays describing the buckets of `checked` that do not fit their columns,
+/// read by `read_overflows`. Arrays rather than JSON carry every `date` value,
+/// `infinity` included, to the service unchanged.
 macro_rules! overflow_report {
     () => {
-        r#"coalesce((SELECT jsonb_agg(jsonb_build_object(
-                'venture_id', venture_id, 'day', day,
-                'total_revenue', total_revenue::text, 'total_cost', total_cost::text,
-                'avg_margin_pct', avg_margin_pct::text) ORDER BY venture_id, day)
-             FROM checked WHERE NOT fits), '[]'::jsonb)"#
+        r#"
+        (SELECT array_agg(venture_id ORDER BY venture_id, day) FROM checked WHERE NOT fits) AS overflow_venture_ids,
+        (SELECT array_agg(day ORDER BY venture_id, day) FROM checked WHERE NOT fits) AS overflow_days,
+        (SELECT array_agg(total_revenue::text ORDER BY venture_id, day) FROM checked WHERE NOT fits) AS overflow_revenues,
+        (SELECT array_agg(total_cost::text ORDER BY venture_id, day) FROM checked WHERE NOT fits) AS overflow_costs,
+        (SELECT array_agg(avg_margin_pct::text ORDER BY venture_id, day) FROM checked WHERE NOT fits) AS overflow_margins
+        "#
     };
 }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 const FULL_PASS: &str = concat!(
     r#"
     WITH totals AS (
-        SELECT l."ventureId" AS venture_id, (l."createdAt" AT TIME ZONE 'UTC')::date AS day,"#,
+        SELECT l."ventureId" AS venture_id, freight_kpi.utc_day(l."createdAt") AS day,"#,
     load_aggregates!(),
     r#"
         FROM "Load" l
@@ -79,13 +79,14 @@ const FULL_PASS: &str = concat!(
            (SELECT count(*) FROM compared WHERE drifted AND fits) AS drifted,
            (SELECT count(*) FROM repaired) AS repaired,
            (SELECT count(*) FROM compared WHERE drifted AND fits AND no_loads) AS zeroed,
-           coalesce((SELECT jsonb_agg(jsonb_build_object('venture_id', venture_id, 'day', day))
-                     FROM (SELECT venture_id, day FROM compared
-                           WHERE drifted AND fits ORDER BY venture_id, day LIMIT 20) AS sample),
-                    '[]'::jsonb) AS drifted_sample,
+           (SELECT array_agg(venture_id ORDER BY venture_id, day)
+            FROM (SELECT venture_id, day FROM compared
+                  WHERE drifted AND fits ORDER BY venture_id, day LIMIT 20) AS sample) AS sample_venture_ids,
+           (SELECT array_agg(day ORDER BY venture_id, day)
+            FROM (SELECT venture_id, day FROM compared
+                  WHERE drifted AND fits ORDER BY venture_id, day LIMIT 20) AS sample) AS sample_days,
            "#,
-    overflow_report!(),
-    " AS overflowed"
+    overflow_report!()
 );
 
 /// The part of the KPI table a full pass covers. `None` leaves that side open.
@@ -141,16 +142,20 @@ pub async fn full_pass(
         .map_err(Error::database("run the full pass"))?;
 
     let count = |column: &str| row.get::<_, i64>(column) as u64;
-    let drifted_sample: serde_json::Value = row.get("drifted_sample");
-    let overflowed: serde_json::Value = row.get("overflowed");
+    let sample_venture_ids: Option<Vec<i32>> = row.get("sample_venture_ids");
+    let sample_days: Option<Vec<super::BucketDay>> = row.get("sample_days");
+    let drifted_sample = sample_venture_ids
+        .unwrap_or_default()
+        .into_iter()
+        .zip(sample_days.unwrap_or_default())
+        .map(|(venture_id, day)| super::Bucket { venture_id, day })
+        .collect();
     Ok(FullPassSummary {
         scanned: count("scanned"),
         drifted: count("drifted"),
         repaired: count("repaired"),
         zeroed: count("zeroed"),
-        drifted_sample: serde_json::from_value(drifted_sample)
-            .expect("the sample is built by the statement above with these fields"),
-        overflowed: serde_json::from_value(overflowed)
-            .expect("the overflow report is built by the statement above with these fields"),
+        drifted_sample,
+        overflowed: super::recompute::read_overflows(&row),
     })
 }

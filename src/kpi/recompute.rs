@@ -1,19 +1,21 @@
 //! Exact recompute of a set of buckets from `"Load"`, in one statement.
 
-use chrono::NaiveDate;
-use tokio_postgres::Transaction;
+use tokio_postgres::{Row, Transaction};
 
 use super::definitions::{
     derived_kpis, load_aggregates, overflow_report, owned_columns, upsert_owned_columns,
 };
-use super::Bucket;
+use super::{Bucket, BucketDay};
 use crate::error::{Error, Result};
 
 /// Recomputes the buckets given as two parallel arrays ($1 venture ids, $2 days).
 ///
-/// The join turns each bucket into one range scan of `"Load"` on ("ventureId",
-/// "createdAt"). A bucket without loads gets zeros if it has a row and no row
-/// otherwise.
+/// The LATERAL subquery turns each bucket into one range scan of `"Load"` on
+/// ("ventureId", "createdAt"). A plain join let the planner, which cannot estimate
+/// the per-bucket day range, pick a hash join over a sequential scan of the whole
+/// table once a batch held more than about a hundred buckets. The aggregate without
+/// GROUP BY returns one row per bucket, zeros when it has no loads: such a bucket
+/// gets zeros if it has a row and no row otherwise.
 const RECOMPUTE_BUCKETS: &str = concat!(
     r#"
     WITH keys AS (
@@ -21,15 +23,18 @@ const RECOMPUTE_BUCKETS: &str = concat!(
         FROM unnest($1::integer[], $2::date[]) AS key(venture_id, day)
     ),
     totals AS (
-        SELECT k.venture_id, k.day,"#,
+        SELECT k.venture_id, k.day, bucket_totals.*
+        FROM keys k
+        CROSS JOIN LATERAL (
+            SELECT"#,
     load_aggregates!(),
     r#"
-        FROM keys k
-        LEFT JOIN "Load" l
-               ON l."ventureId" = k.venture_id
+            FROM "Load" l
+            WHERE l."ventureId" = k.venture_id
               AND l."createdAt" >= k.day::timestamp AT TIME ZONE 'UTC'
-              AND l."createdAt" < (k.day + 1)::timestamp AT TIME ZONE 'UTC'
-        GROUP BY k.venture_id, k.day
+              AND (l."createdAt" < (k.day + 1)::timestamp AT TIME ZONE 'UTC' OR NOT isfinite(k.day))
+              AND freight_kpi.utc_day(l."createdAt") = k.day
+        ) AS bucket_totals
     ),"#,
     derived_kpis!(),
     r#",
@@ -53,8 +58,7 @@ const RECOMPUTE_BUCKETS: &str = concat!(
     SELECT (SELECT count(*) FROM checked) AS recomputed,
            (SELECT count(*) FROM written) AS written,
            "#,
-    overflow_report!(),
-    " AS overflowed"
+    overflow_report!()
 );
 
 /// Figures of one recompute.
@@ -70,10 +74,10 @@ pub struct RecomputeOutcome {
 }
 
 /// A bucket whose KPIs do not fit `"FreightKpiDaily"`, with the values that did not.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BucketOverflow {
     pub venture_id: i32,
-    pub day: NaiveDate,
+    pub day: BucketDay,
     pub total_revenue: String,
     pub total_cost: String,
     pub avg_margin_pct: Option<String>,
@@ -120,7 +124,7 @@ pub async fn recompute_buckets(
     }
 
     let venture_ids: Vec<i32> = buckets.iter().map(|bucket| bucket.venture_id).collect();
-    let days: Vec<NaiveDate> = buckets.iter().map(|bucket| bucket.day).collect();
+    let days: Vec<BucketDay> = buckets.iter().map(|bucket| bucket.day).collect();
     let row = transaction
         .query_one(RECOMPUTE_BUCKETS, &[&venture_ids, &days])
         .await
@@ -128,12 +132,38 @@ pub async fn recompute_buckets(
 
     let recomputed: i64 = row.get("recomputed");
     let written: i64 = row.get("written");
-    let overflowed: serde_json::Value = row.get("overflowed");
-    let overflowed = serde_json::from_value(overflowed)
-        .expect("the overflow report is built by the statement above with these fields");
     Ok(RecomputeOutcome {
         recomputed: recomputed as u64,
         written: written as u64,
-        overflowed,
+        overflowed: read_overflows(&row),
     })
+}
+
+/// Reads the arrays of the overflow report into one value per bucket.
+pub(crate) fn read_overflows(row: &Row) -> Vec<BucketOverflow> {
+    let venture_ids: Option<Vec<i32>> = row.get("overflow_venture_ids");
+    let days: Option<Vec<BucketDay>> = row.get("overflow_days");
+    let revenues: Option<Vec<String>> = row.get("overflow_revenues");
+    let costs: Option<Vec<String>> = row.get("overflow_costs");
+    let margins: Option<Vec<Option<String>>> = row.get("overflow_margins");
+
+    let (Some(venture_ids), Some(days), Some(revenues), Some(costs), Some(margins)) =
+        (venture_ids, days, revenues, costs, margins)
+    else {
+        return Vec::new();
+    };
+    venture_ids
+        .into_iter()
+        .zip(days)
+        .zip(revenues.into_iter().zip(costs).zip(margins))
+        .map(
+            |((venture_id, day), ((total_revenue, total_cost), avg_margin_pct))| BucketOverflow {
+                venture_id,
+                day,
+                total_revenue,
+                total_cost,
+                avg_margin_pct,
+            },
+        )
+        .collect()
 }
