@@ -1,7 +1,15 @@
 //! The command line: parsing, and running each command with its exit code.
 //!
-//! Exit codes: 0 success, 1 runtime failure (database unreachable, a statement
-//! failed), 2 usage or configuration error (bad flag, invalid `DATABASE_URL`).
+//! Exit codes:
+//!
+//! - 0: success.
+//! - 1: runtime failure (database unreachable, a statement failed).
+//! - 2: usage or configuration error (bad flag, invalid `DATABASE_URL`).
+//! - 3: `reconcile` skipped because another instance has the job's lock.
+//! - 4: `reconcile` finished PARTIAL: it wrote the other buckets, but some could not
+//!   be written because a value overflows its column.
+//!
+//! A reader that closes standard output early (`| head`) ends a command with 0.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,10 +19,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::capture::error_chain;
 use crate::config::{RunSettings, DEFAULT_CHANNEL};
-use crate::db::{connect_dedicated, migrate, DatabaseTarget};
+use crate::db::{connect_dedicated, migrate, uninstall, DatabaseTarget, UninstallOptions};
 use crate::error::Error;
 use crate::kpi::BucketRange;
-use crate::reconcile::{reconcile, ReconcileOptions};
+use crate::reconcile::{reconcile_job, ReconcileOptions};
 use crate::service::{run, ServiceHandles};
 use crate::status::read_status;
 
@@ -22,6 +30,26 @@ use crate::status::read_status;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of a usage or configuration error.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code of a `reconcile` skipped because another instance holds the job's lock;
+/// the skipped run is logged in "JobRunLog" as SKIPPED.
+pub const EXIT_LOCK_HELD: u8 = 3;
+/// Exit code of a `reconcile` that finished PARTIAL: some buckets could not be written.
+pub const EXIT_PARTIAL: u8 = 4;
+
+/// Upper bound of `--debounce-quiet-ms` and `--debounce-max-ms`. Changes wait at most
+/// the debounce before their batch, so a longer window only makes the KPIs stale.
+const MAX_DEBOUNCE_MS: u64 = 60_000;
+const MAX_DEBOUNCE_ALLOWED: &str = "a whole number of milliseconds from 1 to 60000 (1 minute)";
+
+/// Upper bound of `--poll-interval-ms` and `--ping-interval-ms`: a silent listener
+/// connection or a lost notification is found within this time at the latest.
+const MAX_INTERVAL_MS: u64 = 3_600_000;
+const MAX_INTERVAL_ALLOWED: &str = "a whole number of milliseconds from 1 to 3600000 (1 hour)";
+
+/// Upper bound of `--ping-timeout-ms`, which limits every statement on the listener
+/// connection: a longer one would leave a silent connection in place for minutes.
+const MAX_PING_TIMEOUT_MS: u64 = 60_000;
+const MAX_PING_TIMEOUT_ALLOWED: &str = "a whole number of milliseconds from 1 to 60000 (1 minute)";
 
 /// Keeps "FreightKpiDaily" exact and fresh as rows of "Load" change.
 #[derive(Debug, Parser)]
@@ -34,6 +62,10 @@ pub struct Cli {
     /// Log format on standard error; the level comes from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// TOML file of settings, below flags and environment variables in precedence.
+    #[arg(long, global = true, env = crate::config_file::CONFIG_ENV)]
+    pub config: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -55,6 +87,17 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// Show the queue depth, the age of the oldest pending change and the last runs.
     Status(StatusArgs),
+    /// Measure freshness, writer overhead and full-pass cost on a scratch database.
+    Bench(crate::bench::BenchArgs),
+    /// Drop what migrate installed of the service's own objects (the triggers on "Load"
+    /// and the schema freight_kpi); the application's tables, types and rows stay.
+    Uninstall(UninstallArgs),
+    /// Try the service end to end: a throwaway PostgreSQL cluster (unless DATABASE_URL is
+    /// set), generated loads, live changes and a refreshed view of the KPI rows.
+    Demo(crate::demo::DemoArgs),
+    /// Print the configuration `run` would use, from flags, environment and the
+    /// --config file, with secrets redacted.
+    Config,
 }
 
 #[derive(Debug, Args)]
@@ -74,12 +117,36 @@ pub struct RunArgs {
     /// Check the listener connection this often, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub ping_interval_ms: u64,
-    /// Replace the listener connection when a check takes longer, in milliseconds.
+    /// Replace the listener connection when a check, or any other statement on it,
+    /// takes longer, in milliseconds.
     #[arg(long, default_value_t = 3_000)]
     pub ping_timeout_ms: u64,
     /// Changes claimed from the queue per batch.
     #[arg(long, default_value_t = 5_000)]
     pub batch_size: i64,
+    /// Address of the /metrics, /healthz and /readyz endpoint (IP:PORT, port 0 picks a
+    /// free one), or off.
+    #[arg(long, default_value = crate::observe::DEFAULT_HTTP_ADDRESS)]
+    pub http: crate::observe::HttpAddress,
+    /// /readyz reports not ready while the oldest pending change is older than this
+    /// many milliseconds.
+    #[arg(long, default_value_t = crate::observe::DEFAULT_READY_MAX_QUEUE_AGE.as_millis() as u64)]
+    pub ready_max_queue_age_ms: u64,
+    #[command(flatten)]
+    pub jobs: crate::jobs::JobArgs,
+    #[command(flatten)]
+    pub schedule: crate::jobs::ScheduleArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Print what would be dropped and drop nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Uninstall even while a `freight-kpi run` is listening; it then fails on every
+    /// batch until it is stopped.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +163,8 @@ pub struct ReconcileArgs {
     /// Report drift without repairing it.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub jobs: crate::jobs::JobArgs,
 }
 
 #[derive(Debug, Args)]
@@ -108,20 +177,57 @@ pub struct StatusArgs {
 /// Runs the parsed command and returns the process exit code. Errors are printed on
 /// standard error as one line.
 pub async fn execute(cli: Cli) -> ExitCode {
+    // The bench has errors of its own and maps them to the same exit codes.
+    if let Command::Bench(args) = &cli.command {
+        return crate::bench::execute(cli.database_url.as_deref(), args).await;
+    }
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
-            let code = match error {
-                Error::InvalidDatabaseUrl { .. } | Error::InvalidSetting { .. } => EXIT_USAGE,
-                _ => EXIT_FAILURE,
-            };
-            ExitCode::from(code)
-        }
+        Err(error) => report_error(&error),
     }
 }
 
+/// Prints `error` on standard error as one line and returns its exit code.
+///
+/// A broken pipe on standard output means that the reader stopped reading (`status |
+/// head -1`), which is its choice, so it ends the command with 0 and no message.
+pub fn report_error(error: &Error) -> ExitCode {
+    if let Error::Stdout(source) = error {
+        if source.kind() == std::io::ErrorKind::BrokenPipe {
+            return ExitCode::SUCCESS;
+        }
+    }
+    eprintln!("error: {}", error_chain(error));
+    let code = match error {
+        Error::InvalidDatabaseUrl { .. }
+        | Error::InvalidSetting { .. }
+        | Error::InvalidArguments(_) => EXIT_USAGE,
+        Error::JobSkipped { .. } => EXIT_LOCK_HELD,
+        Error::JobPartial { .. } => EXIT_PARTIAL,
+        _ => EXIT_FAILURE,
+    };
+    ExitCode::from(code)
+}
+
+/// Writes `text` to standard output through its lock. Unlike `print!`, which panics
+/// when the reader has closed the pipe, a failed write becomes an error.
+///
+/// # Errors
+///
+/// [`Error::Stdout`] when the write or the flush fails.
+pub fn write_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(Error::Stdout)
+}
+
 async fn dispatch(cli: Cli) -> Result<(), Error> {
+    if let Command::Demo(args) = &cli.command {
+        return crate::demo::run_demo(args, cli.database_url.as_deref()).await;
+    }
     let Some(url) = cli.database_url.as_deref() else {
         return Err(Error::InvalidDatabaseUrl {
             reason: "DATABASE_URL is not set and --database-url was not given".to_owned(),
@@ -130,16 +236,27 @@ async fn dispatch(cli: Cli) -> Result<(), Error> {
     let target = DatabaseTarget::parse(url)?;
 
     match cli.command {
+        Command::Demo(_) => unreachable!("the demo is dispatched before DATABASE_URL is required"),
+        Command::Config => unreachable!("the binary prints the configuration before dispatch"),
+        Command::Uninstall(args) => {
+            let (mut client, _messages) = connect_dedicated(&target).await?;
+            let options = UninstallOptions {
+                dry_run: args.dry_run,
+                force: args.force,
+            };
+            write_stdout(&uninstall(&mut client, options).await?.to_string())
+        }
         Command::Migrate => {
             let (mut client, _messages) = connect_dedicated(&target).await?;
             let report = migrate(&mut client).await?;
+            let mut output = String::new();
             if report.applied.is_empty() {
-                println!("schema is up to date");
+                output.push_str("schema is up to date\n");
             }
             for name in report.applied {
-                println!("applied {name}");
+                output.push_str(&format!("applied {name}\n"));
             }
-            Ok(())
+            write_stdout(&output)
         }
         Command::Run(args) => {
             let settings = run_settings(target, &args)?;
@@ -155,7 +272,6 @@ async fn dispatch(cli: Cli) -> Result<(), Error> {
                     });
                 }
             }
-            let pool = target.pool(2)?;
             let options = ReconcileOptions {
                 range: BucketRange {
                     from: args.from,
@@ -164,11 +280,11 @@ async fn dispatch(cli: Cli) -> Result<(), Error> {
                 },
                 dry_run: args.dry_run,
             };
-            let report = reconcile(&pool, &options).await?;
-            let summary = &report.summary;
-            println!(
-                "reconcile {}: scanned {} buckets, drifted {}, repaired {}, zeroed {}, failed {}{}",
-                report.status.as_str(),
+            let (run_id, status, summary) = reconcile_under_lock(&target, &args, &options).await?;
+            let summary = &summary;
+            write_stdout(&format!(
+                "reconcile {}: scanned {} buckets, drifted {}, repaired {}, zeroed {}, failed {}{}\n",
+                status.as_str(),
                 summary.scanned,
                 summary.drifted,
                 summary.repaired,
@@ -179,32 +295,48 @@ async fn dispatch(cli: Cli) -> Result<(), Error> {
                 } else {
                     ""
                 }
-            );
+            ))?;
+            if status == crate::jobs::RunStatus::Partial {
+                return Err(Error::JobPartial {
+                    job: "KPI_AGGREGATION",
+                    run_id,
+                    reason: format!(
+                        "{} buckets could not be written because a value overflows its column",
+                        summary.overflowed.len()
+                    ),
+                });
+            }
             Ok(())
         }
+        Command::Bench(_) => unreachable!("execute runs the bench before dispatching"),
         Command::Status(args) => {
             let (client, _messages) = connect_dedicated(&target).await?;
             let status = read_status(&client).await?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).expect("the status report serializes")
-                );
+            let output = if args.json {
+                let json =
+                    serde_json::to_string_pretty(&status).expect("the status report serializes");
+                format!("{json}\n")
             } else {
-                print!("{status}");
-            }
-            Ok(())
+                status.to_string()
+            };
+            write_stdout(&output)
         }
     }
 }
 
-fn run_settings(target: DatabaseTarget, args: &RunArgs) -> Result<RunSettings, Error> {
-    let positive = |key: &'static str, value: u64| {
-        if value == 0 {
+/// Checks the flags of `run` and returns its settings. `freight-kpi config` runs the
+/// same checks, so it rejects what `run` would reject.
+///
+/// # Errors
+///
+/// [`Error::InvalidSetting`] naming the flag, the value and what is allowed.
+pub fn run_settings(target: DatabaseTarget, args: &RunArgs) -> Result<RunSettings, Error> {
+    let milliseconds = |key: &'static str, value: u64, max: u64, allowed: &'static str| {
+        if value == 0 || value > max {
             Err(Error::InvalidSetting {
                 key,
                 value: value.to_string(),
-                allowed: "a whole number of milliseconds above 0",
+                allowed,
             })
         } else {
             Ok(Duration::from_millis(value))
@@ -213,11 +345,36 @@ fn run_settings(target: DatabaseTarget, args: &RunArgs) -> Result<RunSettings, E
 
     let mut settings = RunSettings::new(target);
     settings.channel = args.channel.clone();
-    settings.debounce.quiet = positive("--debounce-quiet-ms", args.debounce_quiet_ms)?;
-    settings.debounce.max_delay = positive("--debounce-max-ms", args.debounce_max_ms)?;
-    settings.poll_interval = positive("--poll-interval-ms", args.poll_interval_ms)?;
-    settings.ping_interval = positive("--ping-interval-ms", args.ping_interval_ms)?;
-    settings.ping_timeout = positive("--ping-timeout-ms", args.ping_timeout_ms)?;
+    settings.debounce.quiet = milliseconds(
+        "--debounce-quiet-ms",
+        args.debounce_quiet_ms,
+        MAX_DEBOUNCE_MS,
+        MAX_DEBOUNCE_ALLOWED,
+    )?;
+    settings.debounce.max_delay = milliseconds(
+        "--debounce-max-ms",
+        args.debounce_max_ms,
+        MAX_DEBOUNCE_MS,
+        MAX_DEBOUNCE_ALLOWED,
+    )?;
+    settings.poll_interval = milliseconds(
+        "--poll-interval-ms",
+        args.poll_interval_ms,
+        MAX_INTERVAL_MS,
+        MAX_INTERVAL_ALLOWED,
+    )?;
+    settings.ping_interval = milliseconds(
+        "--ping-interval-ms",
+        args.ping_interval_ms,
+        MAX_INTERVAL_MS,
+        MAX_INTERVAL_ALLOWED,
+    )?;
+    settings.ping_timeout = milliseconds(
+        "--ping-timeout-ms",
+        args.ping_timeout_ms,
+        MAX_PING_TIMEOUT_MS,
+        MAX_PING_TIMEOUT_ALLOWED,
+    )?;
     if settings.debounce.max_delay < settings.debounce.quiet {
         return Err(Error::InvalidSetting {
             key: "--debounce-max-ms",
@@ -233,7 +390,67 @@ fn run_settings(target: DatabaseTarget, args: &RunArgs) -> Result<RunSettings, E
         });
     }
     settings.drain.batch_size = args.batch_size;
+    settings.jobs.lock = args.jobs.lock_settings()?;
+    settings.jobs.alerts = args.jobs.alert_settings(settings.target.dbname())?;
+    args.schedule.apply(&mut settings.jobs)?;
+    settings.http = args.http.0.map(|address| crate::observe::HttpSettings {
+        address,
+        ready_max_queue_age: Duration::from_millis(args.ready_max_queue_age_ms),
+    });
     Ok(settings)
+}
+
+/// Runs `freight-kpi reconcile` as job KPI_AGGREGATION under the job lock, with its
+/// alerts, and returns the run's id, status and figures.
+///
+/// # Errors
+///
+/// [`Error::JobSkipped`] when another instance holds the lock, [`Error::JobFailed`]
+/// when the run ended ERROR, and the lock's or run log's errors.
+async fn reconcile_under_lock(
+    target: &DatabaseTarget,
+    args: &ReconcileArgs,
+    options: &ReconcileOptions,
+) -> Result<(i64, crate::jobs::RunStatus, crate::kpi::FullPassSummary), Error> {
+    use crate::jobs::{new_holder_id, AlertDispatcher, JobContext, JobRun, Trigger};
+
+    let lock = args.jobs.lock_settings()?;
+    let alert_settings = args.jobs.alert_settings(target.dbname())?;
+    let (alerts, dispatcher) = AlertDispatcher::start(&alert_settings)?;
+    let context = JobContext::new(target.pool(3)?, lock, new_holder_id(), alerts);
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let run = reconcile_job(&context, options, Trigger::Manual, &shutdown).await;
+
+    // Alerts of this run get their full retry budget before the process exits.
+    let budget = alert_settings.timeout * alert_settings.attempts + Duration::from_secs(2);
+    dispatcher.finish(budget).await;
+    match run? {
+        JobRun::Skipped { run_id, holder } => {
+            write_stdout(&format!(
+                "reconcile SKIPPED: the job lock is held elsewhere ({holder}); logged as run {run_id}\n"
+            ))?;
+            Err(Error::JobSkipped {
+                job: "KPI_AGGREGATION",
+            })
+        }
+        JobRun::Finished {
+            run_id,
+            status,
+            output: Some(summary),
+            ..
+        } => Ok((run_id, status, summary)),
+        JobRun::Finished { run_id, error, .. } => Err(Error::JobFailed {
+            job: "KPI_AGGREGATION",
+            run_id,
+            reason: error.unwrap_or_else(|| "no reason recorded".to_owned()),
+        }),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

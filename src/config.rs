@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::capture::DrainSettings;
 use crate::db::DatabaseTarget;
 use crate::listen::Debounce;
+use crate::observe::HttpSettings;
 
 /// Default NOTIFY channel.
 pub const DEFAULT_CHANNEL: &str = "freight_kpi";
@@ -22,7 +23,8 @@ pub struct RunSettings {
     pub poll_interval: Duration,
     /// Check the listener connection this often (default 5 s).
     pub ping_interval: Duration,
-    /// Replace the listener connection when a check takes longer (default 3 s).
+    /// Replace the listener connection when a check, or any other statement on it,
+    /// takes longer (default 3 s).
     pub ping_timeout: Duration,
     /// First delay before reconnecting after a loss; it doubles on each failure
     /// (default 100 ms).
@@ -33,11 +35,20 @@ pub struct RunSettings {
     pub drain: DrainSettings,
     /// Connections in the pool for batches and job bookkeeping (default 4).
     pub pool_size: usize,
+    /// The `/metrics`, `/healthz` and `/readyz` endpoint. Off by default here, so that
+    /// services embedded side by side (in tests, say) do not compete for a port; the
+    /// `run` command turns it on at 127.0.0.1:9187 unless given `--http off`.
+    pub http: Option<HttpSettings>,
+    /// Job locks, alerts, the nightly reconcile's scheduler (07:30 UTC), the hourly
+    /// summary of the incremental path and the health alerts; see
+    /// [`crate::jobs::JobSettings`] for each default.
+    pub jobs: crate::jobs::JobSettings,
 }
 
 impl RunSettings {
     /// Returns the defaults for `target`.
     pub fn new(target: DatabaseTarget) -> Self {
+        let jobs = crate::jobs::JobSettings::new(target.dbname());
         Self {
             target,
             channel: DEFAULT_CHANNEL.to_owned(),
@@ -49,6 +60,8 @@ impl RunSettings {
             reconnect_max: Duration::from_secs(30),
             drain: DrainSettings::default(),
             pool_size: 4,
+            http: None,
+            jobs,
         }
     }
 }

@@ -47,9 +47,72 @@ pub enum Error {
         allowed: &'static str,
     },
 
+    /// The command line, with the environment and the configuration file, does not
+    /// parse as the arguments of a command; the text is the parser's message.
+    #[error("invalid arguments: {0}")]
+    InvalidArguments(String),
+
     /// An existing table does not fit what the service writes.
     #[error("incompatible schema: {0}")]
     IncompatibleSchema(String),
+
+    /// A job did not run because another instance holds its lock or lease.
+    #[error("job {job} was skipped: another instance holds its lock; it runs again at its next slot, or rerun it once that instance is done")]
+    JobSkipped { job: &'static str },
+
+    /// A job run ended ERROR; its row in "JobRunLog" has the details.
+    #[error("job {job} run {run_id} failed: {reason}")]
+    JobFailed {
+        job: &'static str,
+        run_id: i64,
+        reason: String,
+    },
+
+    /// A job run ended PARTIAL: it finished, but some units (buckets) could not be
+    /// written. Its row in "JobRunLog" and the log name each of them.
+    #[error("job {job} run {run_id} finished PARTIAL: {reason}; the log and \"JobRunLog\" name each bucket that could not be written")]
+    JobPartial {
+        job: &'static str,
+        run_id: i64,
+        reason: String,
+    },
+
+    /// Writing a command's output to standard output failed.
+    #[error("cannot write to standard output")]
+    Stdout(#[source] std::io::Error),
+
+    /// A job lost its lock or lease while it ran and stopped writing.
+    #[error("lock lost for job {job}: {reason}")]
+    LockLost { job: &'static str, reason: String },
+
+    /// A write under a lease was rejected because the lease moved to another holder
+    /// or expired since it was acquired.
+    #[error("write of job {job} rejected: fencing token {token} is no longer current ({reason})")]
+    Fenced {
+        job: &'static str,
+        token: i64,
+        reason: String,
+    },
+
+    /// `uninstall` found a reason to drop nothing.
+    #[error("uninstall stopped: {0}")]
+    Uninstall(String),
+
+    /// The throwaway PostgreSQL cluster of `demo` could not be started or removed.
+    #[error("throwaway PostgreSQL cluster")]
+    Cluster(#[from] crate::cluster::ClusterError),
+
+    /// The demo's final reconcile found buckets that the incremental path left wrong.
+    #[error("the demo's reconcile found {drifted} drifted buckets; the incremental path missed changes, which is a bug worth reporting")]
+    DemoDrift { drifted: u64 },
+
+    /// The HTTP endpoint could not listen on its address.
+    #[error("cannot listen for HTTP on {address}; pick a free address with --http ADDRESS:PORT or turn it off with --http off")]
+    HttpBind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// The schema is missing or older than this binary expects.
     #[error("the database schema is not installed: {0}; run `freight-kpi migrate` first")]

@@ -2,14 +2,19 @@
 //! `"Load"` change: triggers queue the touched (venture, UTC day) buckets, a listener
 //! recomputes them within a fraction of a second, and a reconcile repairs any drift.
 
+pub mod bench;
 pub mod capture;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod config_file;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod kpi;
 pub mod listen;
+pub mod observe;
 pub mod reconcile;
 pub mod service;
 pub mod status;

@@ -2,15 +2,42 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use freight_kpi::cli::{execute, Cli, LogFormat};
+use freight_kpi::capture::error_chain;
+use freight_kpi::cli::{execute, report_error, write_stdout, Command, LogFormat, EXIT_USAGE};
+use freight_kpi::config_file::{
+    check_effective_configuration, parse_command_line, render_effective_configuration,
+};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let parsed = match parse_command_line(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Command::Config = parsed.cli.command {
+        // The configuration is printed even when invalid, since it shows which value
+        // the error line names; the exit code still shows a script that `run` would
+        // reject it.
+        let printed = write_stdout(&render_effective_configuration(&parsed));
+        let checked = check_effective_configuration(&parsed);
+        return match checked.and(printed) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => report_error(&error),
+        };
+    }
+    let cli = parsed.cli;
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The demo draws on the terminal, where routine logs would break up its view.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

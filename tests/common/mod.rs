@@ -3,10 +3,15 @@
 //! service running in the test's runtime.
 //!
 //! The server comes from `FREIGHT_KPI_TEST_ADMIN_URL`, else `DATABASE_URL`, else
-//! `host=127.0.0.1 port=5432 user=postgres dbname=postgres`. The role needs
-//! CREATEDB.
+//! `host=127.0.0.1 port=5432 user=postgres dbname=postgres` when something listens
+//! there, else a private cluster started for this test process from the installed
+//! server binaries (see `private_server`). The role needs CREATEDB.
 
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod private_server;
+pub mod proxy;
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,9 +33,18 @@ const TEMPLATE_LOCK: (i32, i32) = (0x464B_5054, 1);
 
 /// Returns the connection string of the server's maintenance database.
 pub fn admin_url() -> String {
-    std::env::var("FREIGHT_KPI_TEST_ADMIN_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".to_owned())
+    if private_server::private_cluster_forced() {
+        return private_server::private_cluster_url();
+    }
+    if let Ok(url) =
+        std::env::var("FREIGHT_KPI_TEST_ADMIN_URL").or_else(|_| std::env::var("DATABASE_URL"))
+    {
+        return url;
+    }
+    if private_server::shared_server_answers() {
+        return "host=127.0.0.1 port=5432 user=postgres dbname=postgres".to_owned();
+    }
+    private_server::private_cluster_url()
 }
 
 /// Opens a plain connection (no service settings) and drives it in the background.
@@ -137,12 +151,15 @@ async fn retry_while_in_use(admin: &Client, statement: &str) {
     for attempt in 0.. {
         match admin.batch_execute(statement).await {
             Ok(()) => return,
+            // The driver's Display of a server error is only "db error", so the
+            // check uses the SQLSTATE of "being accessed by other users".
             Err(error)
-                if attempt < 100 && error.to_string().contains("being accessed by other users") =>
+                if attempt < 100
+                    && error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(error) => panic!("{statement}: {error}"),
+            Err(error) => panic!("{statement}: {}", describe_error(&error)),
         }
     }
 }
@@ -417,4 +434,69 @@ impl RunningService {
 /// Path of the built `freight-kpi` binary.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_freight-kpi")
+}
+
+/// Opens a plain connection and forwards its notifications and notices, read with
+/// `Connection::poll_message`, to the returned receiver. The receiver ends when the
+/// connection closes.
+pub async fn connect_with_messages(
+    target: &DatabaseTarget,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+) {
+    let mut config = target.config().clone();
+    config.application_name(TEST_APPLICATION_NAME);
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("cannot connect to {}: {error}", target.describe()));
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if sender.send(message).is_err() {
+                break;
+            }
+        }
+    });
+    (client, receiver)
+}
+
+/// Returns the prefix that `kpi_mismatches` gives the line of bucket (`venture_id`,
+/// `day`), formatted by the server as the aggregation formats it.
+pub async fn bucket_label(client: &Client, venture_id: i32, day: chrono::NaiveDate) -> String {
+    client
+        .query_one(
+            "SELECT format('bucket (%s, %s):', $1::integer, $2::date)",
+            &[&venture_id, &day],
+        )
+        .await
+        .expect("format a bucket label")
+        .get(0)
+}
+
+/// Returns the lines of `kpi_mismatches` except those of the `excluded` buckets, for
+/// tests where some buckets cannot be written (their totals overflow the columns).
+pub async fn kpi_mismatches_except(
+    client: &Client,
+    excluded: &[(i32, chrono::NaiveDate)],
+) -> Vec<String> {
+    let mut labels = Vec::new();
+    for (venture_id, day) in excluded {
+        labels.push(bucket_label(client, *venture_id, *day).await);
+    }
+    kpi_mismatches(client)
+        .await
+        .into_iter()
+        .filter(|line| !labels.iter().any(|label| line.starts_with(label.as_str())))
+        .collect()
+}
+
+/// Describes a driver error with the server's message, which its `Display` leaves out
+/// ("db error").
+pub fn describe_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db_error) => format!("{}: {}", db_error.severity(), db_error.message()),
+        None => error.to_string(),
+    }
 }
