@@ -13,33 +13,14 @@ use futures::SinkExt;
 use tokio_postgres::{AsyncMessage, Client};
 
 use common::{
-    connect_with_messages, describe_error, queue_depth, start_service, test_settings,
-    wait_for_exact_kpis, TestDb,
+    connect_with_messages, count, day, describe_error, execute, queue_depth, start_service,
+    test_settings, wait_for_exact_kpis, TestDb,
 };
 
 /// Time the service gets to make the KPIs exact after the last write. It is longer
 /// than the fallback poll on purpose, because these tests check convergence. The
 /// notification tests at the end check the wake-ups themselves.
 const CONVERGE: Duration = Duration::from_secs(15);
-
-fn day(text: &str) -> NaiveDate {
-    text.parse().expect("test days are valid ISO dates")
-}
-
-async fn execute(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)));
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)))
-        .get(0)
-}
 
 /// Loads spread over ventures 1-5 and ten UTC days, in every status, some delivered
 /// and billed.

@@ -15,31 +15,13 @@ use freight_kpi::kpi::BucketRange;
 use freight_kpi::reconcile::{reconcile, ReconcileOptions, ReconcileReport};
 
 use common::{
-    binary, bucket_label, describe_error, kpi_mismatches, kpi_mismatches_except, queue_depth,
-    start_service, test_settings, wait_for_exact_kpis, wait_until, TestDb,
+    binary, bucket_label, count, day, describe_error, execute, kpi_mismatches,
+    kpi_mismatches_except, queue_depth, start_service, test_settings, wait_for_exact_kpis,
+    wait_until, TestDb,
 };
 
 /// Time the service gets to make the KPIs exact after the last write.
 const CONVERGE: Duration = Duration::from_secs(20);
-
-fn day(text: &str) -> NaiveDate {
-    text.parse().expect("test days are valid ISO dates")
-}
-
-async fn execute(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)));
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)))
-        .get(0)
-}
 
 async fn reconcile_all(db: &TestDb) -> ReconcileReport {
     let pool = db.target.pool(2).expect("a pool for the test database");

@@ -500,3 +500,25 @@ pub fn describe_error(error: &tokio_postgres::Error) -> String {
         None => error.to_string(),
     }
 }
+
+/// Parses an ISO date of a test.
+pub fn day(text: &str) -> chrono::NaiveDate {
+    text.parse().expect("test days are valid ISO dates")
+}
+
+/// Runs `sql`, panicking with the server's message on failure.
+pub async fn execute(client: &Client, sql: &str) {
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)));
+}
+
+/// Runs a query returning one bigint, such as a count.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {}", describe_error(&error)))
+        .get(0)
+}
