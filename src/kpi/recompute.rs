@@ -16,6 +16,12 @@ use crate::error::{Error, Result};
 /// table once a batch held more than about a hundred buckets. The aggregate without
 /// GROUP BY returns one row per bucket, zeros when it has no loads: such a bucket
 /// gets zeros if it has a row and no row otherwise.
+///
+/// Both day bounds are inclusive so that both stay index bounds, infinite days
+/// included, and the `utc_day` equality drops a load created exactly at the next
+/// midnight. With an `OR` in the upper bound the scan ran on to the venture's last
+/// load: 171 ms instead of 1.4 ms for a 60-day-old bucket of the largest venture of
+/// a 10 million-load table, which stalled every batch past its timeout.
 const RECOMPUTE_BUCKETS: &str = concat!(
     r#"
     WITH keys AS (
@@ -32,7 +38,7 @@ const RECOMPUTE_BUCKETS: &str = concat!(
             FROM "Load" l
             WHERE l."ventureId" = k.venture_id
               AND l."createdAt" >= k.day::timestamp AT TIME ZONE 'UTC'
-              AND (l."createdAt" < (k.day + 1)::timestamp AT TIME ZONE 'UTC' OR NOT isfinite(k.day))
+              AND l."createdAt" <= (k.day + 1)::timestamp AT TIME ZONE 'UTC'
               AND freight_kpi.utc_day(l."createdAt") = k.day
         ) AS bucket_totals
     ),"#,
