@@ -19,9 +19,11 @@ use crate::kpi::{self, Bucket, BucketRange};
 pub struct DrainSettings {
     /// Queue rows claimed per batch (default 5,000).
     pub batch_size: i64,
-    /// Limit on each statement of a batch (default 10 s), except the full pass after a
-    /// TRUNCATE. A connection that goes silent mid-batch fails the batch after this
-    /// long instead of stalling the service, and the connection is then discarded.
+    /// Limit on each statement of a batch (default 30 s), except the full pass after a
+    /// TRUNCATE. The server cancels a statement that runs longer, so it cannot keep
+    /// holding bucket locks, and the client gives up [`CLIENT_GRACE`] later: a
+    /// connection that goes silent mid-batch then fails the batch instead of stalling
+    /// the service, and is discarded.
     pub statement_timeout: Duration,
     /// Server-side limit on waiting for a lock (default 10 s), such as the bucket
     /// locks that a running reconcile holds for its whole pass. The batch then fails
@@ -36,12 +38,16 @@ impl Default for DrainSettings {
     fn default() -> Self {
         Self {
             batch_size: 5_000,
-            statement_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
             lock_wait_timeout: Duration::from_secs(10),
             long_statement_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
+
+/// Time the client waits beyond the server's own limits before it takes a connection
+/// for silent.
+const CLIENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Figures of one committed batch.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -90,13 +96,19 @@ async fn run_batch(
     client: &mut tokio_postgres::Client,
     settings: &DrainSettings,
 ) -> Result<Option<BatchReport>> {
-    let short = settings.statement_timeout;
-    let long = settings.long_statement_timeout;
-    let lock_wait = settings.lock_wait_timeout + short;
+    // The server's limits end a slow statement or lock wait with an error; the client
+    // waits a little longer, so only a silent connection reaches the client's limit.
+    let short = settings.statement_timeout + CLIENT_GRACE;
+    let long = settings.long_statement_timeout + CLIENT_GRACE;
+    let lock_wait = settings.lock_wait_timeout.min(settings.statement_timeout) + CLIENT_GRACE;
     let mut transaction = bounded(
         short,
         "begin a batch",
-        begin_bounded(client, Some(settings.lock_wait_timeout)),
+        begin_bounded(
+            client,
+            Some(settings.lock_wait_timeout),
+            Some(settings.statement_timeout),
+        ),
     )
     .await?;
 
@@ -123,7 +135,7 @@ async fn run_batch(
     span.record("batch.buckets", buckets.len());
 
     let (recomputed, written, failed) = if claimed.every_bucket {
-        recompute_every_bucket(&transaction, long).await?
+        recompute_every_bucket(&transaction, settings.long_statement_timeout, long).await?
     } else {
         recompute_isolated(&mut transaction, &buckets, short, lock_wait).await?
     };
@@ -219,9 +231,17 @@ pub async fn drain_queue(
 /// After a TRUNCATE: one full pass over every bucket, under every bucket lock.
 async fn recompute_every_bucket(
     transaction: &Transaction<'_>,
+    server_timeout: Duration,
     timeout: Duration,
 ) -> Result<(u64, u64, Vec<BucketFailure>)> {
     let summary = bounded(timeout, "recompute every bucket", async {
+        transaction
+            .batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                server_timeout.as_millis()
+            ))
+            .await
+            .map_err(Error::database("allow the full pass its time"))?;
         kpi::lock_all_buckets(transaction).await?;
         kpi::full_pass(transaction, BucketRange::default(), false).await
     })

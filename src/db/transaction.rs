@@ -25,12 +25,15 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Error::Database`] when the transaction cannot start.
 ///
 /// With `lock_timeout`, the server also gives up waiting for any lock after that
-/// long, with SQLSTATE 55P03 (lock_not_available). A client waiting for the answer
-/// can then tell a busy lock, which ends in that error, from a connection gone silent,
-/// which never answers.
+/// long, with SQLSTATE 55P03 (lock_not_available), and with `statement_timeout` it
+/// cancels any statement that runs longer (57014). A client waiting for the answer
+/// can then tell a busy or slow server, which ends in an error, from a connection gone
+/// silent, which never answers. A client that gives up on its own leaves the
+/// statement running on the server, holding its locks, until the server's limit.
 pub async fn begin_bounded(
     client: &mut Client,
     lock_timeout: Option<Duration>,
+    statement_timeout: Option<Duration>,
 ) -> Result<Transaction<'_>> {
     let transaction = client
         .transaction()
@@ -45,6 +48,12 @@ pub async fn begin_bounded(
         settings.push_str(&format!(
             "; SET LOCAL lock_timeout = {}",
             lock_timeout.as_millis()
+        ));
+    }
+    if let Some(statement_timeout) = statement_timeout {
+        settings.push_str(&format!(
+            "; SET LOCAL statement_timeout = {}",
+            statement_timeout.as_millis()
         ));
     }
     transaction

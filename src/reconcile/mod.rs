@@ -231,7 +231,7 @@ pub async fn full_pass_fenced(
 ) -> Result<FullPassSummary> {
     let target = pool.target().with_application_name("freight-kpi reconcile");
     let (mut client, _messages) = connect_dedicated(&target).await?;
-    let transaction = crate::db::begin_bounded(&mut client, None).await?;
+    let transaction = crate::db::begin_bounded(&mut client, None, None).await?;
     let backend_pid: i32 = transaction
         .query_one("SELECT pg_backend_pid()", &[])
         .await
