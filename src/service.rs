@@ -73,7 +73,7 @@ impl IncrementalStats {
     }
 }
 
-/// Shared handles to a running service, for tests and for whoever embeds it.
+/// Shared handles to a running service, for tests and for programs that embed it.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceHandles {
     pub stats: Arc<Mutex<IncrementalStats>>,
@@ -85,7 +85,7 @@ pub struct ServiceHandles {
 /// Runs the listener and the incremental recompute until `shutdown` completes.
 ///
 /// Fails at start when the database cannot be reached or the schema is missing, so a
-/// misconfiguration is reported at once; after that, lost connections are retried
+/// misconfiguration is reported at once. After that, lost connections are retried
 /// with capped exponential backoff for as long as the service runs.
 ///
 /// # Errors

@@ -29,7 +29,7 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// PagerDuty limits an event's summary to 1024 characters.
 const PAGERDUTY_SUMMARY_MAX: usize = 1024;
 
-/// What an alert is about.
+/// The subject of an alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
@@ -121,7 +121,7 @@ impl Alert {
     }
 }
 
-/// Where alerts go, each sink optional.
+/// Destinations of alerts, each sink optional.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct AlertSettings {
     /// Slack-compatible incoming webhook URL: a JSON POST with a `text` field.
@@ -456,7 +456,7 @@ pub fn pagerduty_body(
     })
 }
 
-/// POSTs `body`, retrying timeouts, connection errors, 429 and 5xx answers with a
+/// POSTs `body`, retrying timeouts, connection errors, 429 and 5xx responses with a
 /// doubling delay, `attempts` times in all. Failures are logged, never returned.
 async fn post_with_retries(
     http: &reqwest::Client,

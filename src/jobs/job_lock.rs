@@ -16,7 +16,7 @@ use super::JobName;
 use crate::db::{connect_dedicated, DatabaseTarget, Pool};
 use crate::error::{Error, Result};
 
-/// How jobs are made exclusive across instances.
+/// The mechanism that makes jobs exclusive across instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LockMode {
     /// Advisory locks, unless the connection goes through a transaction pooler, in
@@ -96,7 +96,7 @@ impl LostSignal {
     }
 }
 
-/// What a write under a job lock checks in its own transaction before it writes.
+/// The check a write under a job lock runs in its own transaction before it writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fence {
     /// No job lock: nothing to check.
