@@ -173,16 +173,16 @@ impl TlsSettings {
                 .with_no_client_auth(),
             (SslMode::VerifyCa, roots) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainVerifier {
-                    roots: load_roots(roots.as_ref())?,
+                .with_custom_certificate_verifier(Arc::new(CertificateVerifier {
+                    roots: Some(load_roots(roots.as_ref())?),
                     provider,
                 }))
                 .with_no_client_auth(),
             // libpq checks the chain in these modes too when sslrootcert names a file.
             (SslMode::Prefer | SslMode::Require, Some(roots)) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainVerifier {
-                    roots: load_roots(Some(roots))?,
+                .with_custom_certificate_verifier(Arc::new(CertificateVerifier {
+                    roots: Some(load_roots(Some(roots))?),
                     provider,
                 }))
                 .with_no_client_auth(),
@@ -190,7 +190,10 @@ impl TlsSettings {
             // never called, and the sslrootcert file is not read.
             (SslMode::Disable, _) | (SslMode::Prefer | SslMode::Require, None) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoCertificateVerifier { provider }))
+                .with_custom_certificate_verifier(Arc::new(CertificateVerifier {
+                    roots: None,
+                    provider,
+                }))
                 .with_no_client_auth(),
         };
         Ok(MakeRustlsConnect::new(config))
@@ -236,70 +239,18 @@ fn load_roots(source: Option<&RootCertificates>) -> Result<Arc<RootCertStore>, S
     Ok(Arc::new(roots))
 }
 
-/// Accepts any server certificate but still checks the handshake signatures, which
-/// is what libpq's `sslmode=require` does without a root certificate: the traffic is
-/// encrypted but the server is not authenticated.
+/// A verifier that ignores the host name, as libpq's `verify-ca` and `require` modes
+/// do. With `roots` it checks that the certificate chain leads to a trusted CA
+/// (`verify-ca`). Without, it accepts any certificate (`require` without a root
+/// certificate), so the traffic is encrypted but the server is not authenticated.
+/// The handshake signatures are checked either way.
 #[derive(Debug)]
-struct NoCertificateVerifier {
+struct CertificateVerifier {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-/// Checks that the certificate chain leads to a trusted CA and ignores the host
-/// name, as libpq's `sslmode=verify-ca` does.
-#[derive(Debug)]
-struct ChainVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoCertificateVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            certificate,
-            signature,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            certificate,
-            signature,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-impl ServerCertVerifier for ChainVerifier {
+impl ServerCertVerifier for CertificateVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -308,10 +259,14 @@ impl ServerCertVerifier for ChainVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
+
         let certificate = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &certificate,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
