@@ -17,9 +17,9 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::capture::error_chain;
 use crate::config::{RunSettings, DEFAULT_CHANNEL};
 use crate::db::{connect_dedicated, migrate, uninstall, DatabaseTarget, UninstallOptions};
+use crate::error::error_chain;
 use crate::error::Error;
 use crate::kpi::BucketRange;
 use crate::reconcile::{reconcile_job, ReconcileOptions};

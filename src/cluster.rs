@@ -455,7 +455,7 @@ impl Drop for ThrowawayCluster {
         if let Err(error) = self.stop_and_remove() {
             tracing::warn!(
                 folder = %folder.display(),
-                error = %crate::capture::error_chain(&error),
+                error = %crate::error::error_chain(&error),
                 "failed to remove the throwaway cluster"
             );
         }

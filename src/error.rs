@@ -137,3 +137,28 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Formats an error with its sources, as one line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Awaits `future` for at most `timeout`, else fails with [`Error::Timeout`] naming
+/// `operation`. The future is dropped on timeout, so a statement it sent may still
+/// run on the server.
+pub(crate) async fn bounded<T>(
+    timeout: std::time::Duration,
+    operation: &'static str,
+    future: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .map_err(|_| Error::Timeout { operation, timeout })?
+}

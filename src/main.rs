@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use freight_kpi::capture::error_chain;
 use freight_kpi::cli::{execute, report_error, write_stdout, Command, LogFormat, EXIT_USAGE};
 use freight_kpi::config_file::{
     check_effective_configuration, parse_command_line, render_effective_configuration,
 };
+use freight_kpi::error::error_chain;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

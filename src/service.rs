@@ -14,10 +14,10 @@ use hdrhistogram::Histogram;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{drain_queue, error_chain, queue_health, BatchReport};
+use crate::capture::{drain_queue, queue_health, BatchReport};
 use crate::config::RunSettings;
 use crate::db::Pool;
-use crate::error::Result;
+use crate::error::{error_chain, Result};
 use crate::kpi::check_kpi_table;
 use crate::listen::{validate_channel, ListenerCounters, ListenerSession, Settled};
 use crate::observe::{serve_http, Telemetry};

@@ -7,9 +7,9 @@ use super::error::BenchError;
 use super::options::BenchArgs;
 use super::report::{OUTPUT_CHART, OUTPUT_JSON, OUTPUT_MARKDOWN};
 use super::runner::run_bench;
-use crate::capture::error_chain;
 use crate::cli::{EXIT_FAILURE, EXIT_USAGE};
 use crate::db::DatabaseTarget;
+use crate::error::error_chain;
 
 /// Runs the bench against `database_url` and writes its outputs to `--out`. Returns
 /// 0 on success, 2 for a usage error (a bad option, a database with foreign loads)

@@ -89,7 +89,7 @@ impl RunningService {
         let _ = self.stop.send(());
         match tokio::time::timeout(SERVICE_TIMEOUT, self.task).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(BenchError::ServiceStopped(crate::capture::error_chain(
+            Ok(Ok(Err(error))) => Err(BenchError::ServiceStopped(crate::error::error_chain(
                 &error,
             ))),
             Ok(Err(join_error)) => Err(BenchError::ServiceStopped(join_error.to_string())),

@@ -3,7 +3,6 @@
 //! step leaves the changes in the queue for a retry.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
@@ -11,7 +10,7 @@ use tokio_postgres::Transaction;
 
 use super::queue::{claim_changes, select_due_failures, settle_failures, BucketFailure};
 use crate::db::{begin_bounded, Pool};
-use crate::error::{Error, Result};
+use crate::error::{bounded, error_chain, Error, Result};
 use crate::kpi::{self, Bucket, BucketRange};
 
 /// Sizes and time limits of batches.
@@ -183,17 +182,6 @@ async fn run_batch(
     }))
 }
 
-/// Awaits `future` for at most `timeout`.
-async fn bounded<T>(
-    timeout: Duration,
-    operation: &'static str,
-    future: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    tokio::time::timeout(timeout, future)
-        .await
-        .map_err(|_| Error::Timeout { operation, timeout })?
-}
-
 /// Processes batches until the queue has nothing unclaimed, or `stop` returns true
 /// between two batches. Returns the reports of the committed batches.
 ///
@@ -350,16 +338,4 @@ fn is_data_exception(error: &Error) -> bool {
     source
         .code()
         .is_some_and(|code| code.code().starts_with("22") || *code == SqlState::CHECK_VIOLATION)
-}
-
-/// Formats an error with its sources, as one line.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -4,5 +4,5 @@
 mod drain;
 mod queue;
 
-pub use drain::{drain_queue, error_chain, process_batch, BatchReport, DrainSettings};
+pub use drain::{drain_queue, process_batch, BatchReport, DrainSettings};
 pub use queue::{queue_health, BucketFailure, QueueHealth};

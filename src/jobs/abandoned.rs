@@ -112,7 +112,7 @@ pub async fn mark_abandoned_at_start(
             }
         };
         if let Err(error) = lock.release().await {
-            tracing::warn!(job.name = %job, error = %crate::capture::error_chain(&error), "releasing the job lock failed");
+            tracing::warn!(job.name = %job, error = %crate::error::error_chain(&error), "releasing the job lock failed");
         }
         marked.extend(outcome?);
     }

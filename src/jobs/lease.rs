@@ -87,7 +87,7 @@ impl Lease {
             if let Err(Ok(Ok(grant))) = sender.send(outcome) {
                 // The caller stopped waiting, so the lease goes back at once.
                 if let Err(error) = release(&task_pool, job, &task_holder, grant.generation).await {
-                    tracing::warn!(job.name = %job, error = %crate::capture::error_chain(&error), "releasing the lease of a cancelled acquisition failed; it ends at its expiry");
+                    tracing::warn!(job.name = %job, error = %crate::error::error_chain(&error), "releasing the lease of a cancelled acquisition failed; it ends at its expiry");
                 }
             }
         });
@@ -172,7 +172,7 @@ impl Drop for Lease {
         );
         runtime.spawn(async move {
             if let Err(error) = release(&pool, job, &holder, generation).await {
-                tracing::warn!(job.name = %job, error = %crate::capture::error_chain(&error), "releasing a dropped lease failed; it ends at its expiry");
+                tracing::warn!(job.name = %job, error = %crate::error::error_chain(&error), "releasing a dropped lease failed; it ends at its expiry");
             }
         });
     }
@@ -336,7 +336,7 @@ async fn renew_until_lost(
                 return;
             }
             Ok(Err(error)) => {
-                tracing::warn!(job.name = %job, error = %crate::capture::error_chain(&error), "renewing the lease failed; retrying at the next heartbeat");
+                tracing::warn!(job.name = %job, error = %crate::error::error_chain(&error), "renewing the lease failed; retrying at the next heartbeat");
             }
             Err(_) => {
                 tracing::warn!(job.name = %job, timeout_ms = heartbeat.as_millis() as u64, "renewing the lease timed out; retrying at the next heartbeat");

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::alert::{Alert, AlertKind, AlertSender};
 use super::JobName;
-use crate::capture::{error_chain, queue_health};
+use crate::capture::queue_health;
 use crate::db::Pool;
+use crate::error::error_chain;
 use crate::error::{Error, Result};
 
 /// Thresholds of the health alerts, each with its default.

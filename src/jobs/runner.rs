@@ -13,8 +13,8 @@ use super::abandoned::mark_abandoned_runs;
 use super::alert::{Alert, AlertKind, AlertSender};
 use super::job_lock::{Acquired, Fence, JobLock, JobLocks};
 use super::run_log::{finish_run, log_skipped_run, start_held_run, JobName, RunStatus};
-use crate::capture::error_chain;
 use crate::db::Pool;
+use crate::error::error_chain;
 use crate::error::{Error, Result};
 
 /// Time a running job gets to finish after a shutdown request before it is dropped,

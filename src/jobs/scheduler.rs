@@ -22,8 +22,8 @@ use super::run_log::{log_skipped_run, prune_runs};
 use super::runner::{JobContext, Trigger};
 use super::schedule::Schedule;
 use super::JobName;
-use crate::capture::error_chain;
 use crate::db::Pool;
+use crate::error::error_chain;
 use crate::error::{Error, Result};
 
 /// How often old run-log rows are pruned. Pruning deletes whole days of rows, so once

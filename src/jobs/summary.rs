@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::alert::{Alert, AlertKind, AlertSender};
 use super::run_log::{log_period, JobName, RunStatus};
-use crate::capture::error_chain;
 use crate::db::Pool;
+use crate::error::error_chain;
 use crate::service::IncrementalStats;
 
 /// Writes a summary row of the incremental path every `interval` until `cancel` fires.

@@ -210,7 +210,7 @@ impl ListenerSession {
         )
         .await;
         if let Err(error) = removed {
-            tracing::warn!(error = %crate::capture::error_chain(&error), "failed to remove the listener row; it expires with its heartbeat");
+            tracing::warn!(error = %crate::error::error_chain(&error), "failed to remove the listener row; it expires with its heartbeat");
         }
     }
 }
@@ -222,10 +222,10 @@ async fn bounded<T>(
     operation: &'static str,
     statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T> {
-    match tokio::time::timeout(timeout, statement).await {
-        Ok(outcome) => outcome.map_err(Error::database(operation)),
-        Err(_) => Err(Error::Timeout { operation, timeout }),
-    }
+    crate::error::bounded(timeout, operation, async {
+        statement.await.map_err(Error::database(operation))
+    })
+    .await
 }
 
 /// Forwards each wake-up notification on `channel` and ignores, with a rate-limited

@@ -15,8 +15,9 @@ use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use super::telemetry::{DatabaseFigures, Telemetry};
-use crate::capture::{error_chain, queue_health};
+use crate::capture::queue_health;
 use crate::db::Pool;
+use crate::error::error_chain;
 use crate::error::{Error, Result};
 use crate::listen::WarnLimiter;
 

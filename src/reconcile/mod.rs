@@ -57,7 +57,7 @@ pub async fn reconcile(pool: &Pool, options: &ReconcileOptions) -> Result<Reconc
         Err(error) => (
             RunStatus::Error,
             json!({ "dry_run": options.dry_run }),
-            Some(crate::capture::error_chain(error)),
+            Some(crate::error::error_chain(error)),
         ),
     };
     finish_run(&**log_client, run_id, status, &stats, error.as_deref()).await?;
