@@ -19,9 +19,9 @@ async fn main() -> ExitCode {
         }
     };
     if let Command::Config = parsed.cli.command {
-        // The configuration is printed even when invalid, since it shows which value
-        // the error line names; the exit code still shows a script that `run` would
-        // reject it.
+        // The configuration is printed even when invalid, because it shows the value
+        // that the error line names. The exit code still tells a script that `run`
+        // would reject it.
         let printed = write_stdout(&render_effective_configuration(&parsed));
         let checked = check_effective_configuration(&parsed);
         return match checked.and(printed) {

@@ -187,7 +187,7 @@ struct Service {
     listener_id: String,
 }
 
-/// Why a listener session ended.
+/// The reason a listener session ended.
 enum SessionEnd {
     Cancelled,
     Lost(crate::Error),

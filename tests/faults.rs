@@ -775,7 +775,7 @@ async fn silent_batch_times_out_and_retries() {
     let service = start_service(&db, settings).await;
 
     // Hold every bucket lock, as a reconcile does, so the next batch waits on the
-    // server; silence its connection while it waits, then let the lock go.
+    // server. Silence its connection while it waits, then let the lock go.
     let mut holder = db.client().await;
     let blocking = holder.transaction().await.unwrap();
     let stripes: Vec<i32> = (0..freight_kpi::kpi::BUCKET_LOCK_STRIPES)
@@ -811,9 +811,10 @@ async fn silent_batch_times_out_and_retries() {
         "the listener and the batch's connection were silenced, got {silenced}"
     );
 
-    // The client gives up on the silent lock wait after 1 + 1 s. The orphaned session keeps the claimed
-    // queue row locked until the server ends it for sitting idle in its transaction
-    // (5 s); then a new connection drains the change.
+    // The server ends the lock wait after 1 s, but its error never arrives, so the
+    // client gives up 5 s later. The orphaned session keeps the claimed queue row
+    // locked until the server ends it for sitting idle in its transaction (5 s). Then
+    // a new connection drains the change.
     wait_for_exact_kpis(&client, Duration::from_secs(20)).await;
     assert_eq!(queue_depth(&client).await, 0);
     service.stop().await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// A bar that counts items, such as generated loads.
+/// Creates a bar that counts items, such as generated loads.
 pub fn counter(label: &str, total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -19,7 +19,7 @@ pub fn counter(label: &str, total: u64) -> ProgressBar {
     bar
 }
 
-/// A bar that fills over a timed phase of known length.
+/// Creates a bar that fills over a timed phase of known length.
 pub fn timed(label: &str, length: Duration) -> ProgressBar {
     let bar = ProgressBar::new(length.as_millis() as u64);
     bar.set_style(
@@ -32,7 +32,7 @@ pub fn timed(label: &str, length: Duration) -> ProgressBar {
     bar
 }
 
-/// A spinner for a step of unknown length, such as a full pass.
+/// Creates a spinner for a step of unknown length, such as a full pass.
 pub fn spinner(label: &str) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.set_style(

@@ -95,7 +95,7 @@ async fn run_batch(
     client: &mut tokio_postgres::Client,
     settings: &DrainSettings,
 ) -> Result<Option<BatchReport>> {
-    // The server's limits end a slow statement or lock wait with an error; the client
+    // The server's limits end a slow statement or lock wait with an error. The client
     // waits a little longer, so only a silent connection reaches the client's limit.
     let short = settings.statement_timeout + CLIENT_GRACE;
     let long = settings.long_statement_timeout + CLIENT_GRACE;

@@ -26,9 +26,9 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// With `lock_timeout`, the server also gives up waiting for any lock after that
 /// long, with SQLSTATE 55P03 (lock_not_available), and with `statement_timeout` it
-/// cancels any statement that runs longer (57014). A client waiting for the answer
+/// cancels any statement that runs longer (57014). A client waiting for the response
 /// can then tell a busy or slow server, which ends in an error, from a connection gone
-/// silent, which never answers. A client that gives up on its own leaves the
+/// silent, which never responds. A client that gives up on its own leaves the
 /// statement running on the server, holding its locks, until the server's limit.
 pub async fn begin_bounded(
     client: &mut Client,

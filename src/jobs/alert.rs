@@ -387,7 +387,7 @@ async fn deliver(http: &reqwest::Client, settings: &AlertSettings, alert: &Alert
     }
 }
 
-/// The text both sinks show.
+/// Builds the headline text that both sinks show.
 fn headline(settings: &AlertSettings, alert: &Alert) -> String {
     let mut text = format!(
         "[{}] freight-kpi ({}) {} {}: {}",

@@ -225,7 +225,7 @@ impl JobLock {
 /// The outcome of one attempt to take a job lock.
 pub enum Acquired {
     Held(JobLock),
-    /// Another instance holds the job; the text names it where known.
+    /// Another instance has the job. The text names it where known.
     Busy(String),
 }
 

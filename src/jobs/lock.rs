@@ -37,9 +37,9 @@ pub fn job_lock_key(job: JobName) -> i32 {
 
 /// A held session advisory lock, on a connection that nothing else uses.
 ///
-/// The lock ends with the connection: [`AdvisoryLock::release`] unlocks and closes
-/// it, and dropping the value (on error, panic or cancellation) closes it, which makes
-/// the server release the lock as soon as it sees the connection end.
+/// The lock ends with the connection. [`AdvisoryLock::release`] unlocks and closes
+/// it, and dropping the value (on error, panic or cancellation) closes it, so the
+/// server releases the lock as soon as the connection ends.
 pub struct AdvisoryLock {
     client: Arc<Client>,
     key: i32,
@@ -50,7 +50,7 @@ pub struct AdvisoryLock {
 
 impl AdvisoryLock {
     /// Opens a connection and tries once to take lock `key`, without waiting. Returns
-    /// `None` when another session holds it; the connection is closed then.
+    /// `None`, after closing the connection, when another session has it.
     ///
     /// While held, a heartbeat checks the connection every half `heartbeat` and gives
     /// each check half `heartbeat` to answer, so a lost connection is noticed within one
@@ -135,7 +135,7 @@ impl AdvisoryLock {
 
 impl Drop for AdvisoryLock {
     fn drop(&mut self) {
-        // The watcher holds a handle on the client; stopping it lets the connection close.
+        // The watcher keeps a handle on the client, so stopping it lets the connection close.
         self.watcher.abort();
     }
 }

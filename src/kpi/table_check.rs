@@ -2,7 +2,7 @@
 //!
 //! The service may attach to a table that the application created, where a column
 //! such as a text `id` filled by the application's ORM has no database default. Every
-//! insert of a new bucket would then fail, so the service says so at start instead.
+//! insert of a new bucket would then fail, so the service reports it at start instead.
 
 use tokio_postgres::GenericClient;
 

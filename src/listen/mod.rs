@@ -1,5 +1,5 @@
 //! The listener: one dedicated connection that runs `LISTEN`, arms the wake-up flag
-//! that writers read, and tells the service when to drain the queue.
+//! that writers read, and signals the service when to drain the queue.
 
 mod debounce;
 mod session;

@@ -164,12 +164,12 @@ impl ListenerSession {
         Ok(())
     }
 
-    /// Checks that the connection still answers within `timeout`, and records a
-    /// heartbeat.
+    /// Checks that the server responds on the connection within `timeout`, and
+    /// records a heartbeat.
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the server does not answer in time or the statement
+    /// [`Error::Database`] when the server does not respond in time or the statement
     /// fails; the session should then be replaced.
     pub async fn ping(&self, timeout: Duration) -> Result<()> {
         let listener_id = self.listener_id.as_str();

@@ -97,7 +97,7 @@ impl std::str::FromStr for HttpAddress {
 }
 
 /// Interval between two warnings about a scrape or check that could not read the
-/// database; the listener logs the loss itself, so one reminder a minute is enough.
+/// database. The listener logs the loss itself, so one reminder a minute is enough.
 const DATABASE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 struct Endpoint {

@@ -13,7 +13,7 @@ use crate::jobs::{
 };
 use crate::kpi::{self, BucketRange, FullPassSummary};
 
-/// What to reconcile.
+/// The range and mode of a reconcile.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReconcileOptions {
     pub range: BucketRange,
