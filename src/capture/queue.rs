@@ -23,20 +23,49 @@ impl From<&BucketOverflow> for BucketFailure {
     }
 }
 
-/// Deletes up to $1 of the oldest queue rows not locked by another instance and returns
-/// them grouped by bucket, with the age in milliseconds of each change. The rows come
-/// back if the transaction rolls back, so a failed batch loses nothing.
+/// Claims the oldest $1 queue rows not locked by another instance, together with every
+/// other unlocked row of the same buckets, deletes them and returns them grouped by
+/// bucket, with the age in milliseconds of each change. The rows come back if the
+/// transaction rolls back, so a failed batch loses nothing.
+///
+/// Taking the whole bucket matters when the queue is deep, because the same hot buckets
+/// fill every window of oldest rows. Claiming by window alone recomputed them once per
+/// window: 407,929 bucket recomputes for 39,100 distinct buckets in a catch-up of 1
+/// million changes. The hash join reads the queue once per batch, which costs little
+/// next to the recompute it saves; a shallow queue is read in a few rows anyway.
+/// SKIP LOCKED on the second set too keeps two instances from waiting on each
+/// other's claimed rows. The delete finds its rows by `ctid`, which stays valid while
+/// this transaction holds their row locks; joining on `id` again took 40% longer on a
+/// queue of a million rows. The rows of `oldest` are all in `same_bucket` but for the
+/// TRUNCATE markers, which have no bucket. `window_rows` tells the caller whether the
+/// window was full.
 const CLAIM_CHANGES: &str = r#"
-    WITH claimed AS (
+    WITH oldest AS (
+        SELECT ctid, venture_id, day
+        FROM freight_kpi.change_queue
+        ORDER BY id
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT DISTINCT venture_id, day FROM oldest WHERE venture_id IS NOT NULL
+    ),
+    same_bucket AS (
+        SELECT q.ctid
+        FROM freight_kpi.change_queue q
+        JOIN picked p ON p.venture_id = q.venture_id AND p.day = q.day
+        FOR UPDATE OF q SKIP LOCKED
+    ),
+    claimed AS (
         DELETE FROM freight_kpi.change_queue
-        WHERE id IN (SELECT id FROM freight_kpi.change_queue
-                     ORDER BY id
-                     LIMIT $1
-                     FOR UPDATE SKIP LOCKED)
+        WHERE ctid = ANY (ARRAY(SELECT ctid FROM same_bucket
+                                UNION ALL
+                                SELECT ctid FROM oldest WHERE venture_id IS NULL))
         RETURNING venture_id, day, enqueued_at
     )
     SELECT venture_id, day,
-           array_agg(1000 * extract(epoch FROM clock_timestamp() - enqueued_at)::float8) AS ages_ms
+           array_agg(1000 * extract(epoch FROM clock_timestamp() - enqueued_at)::float8) AS ages_ms,
+           (SELECT count(*) FROM oldest) AS window_rows
     FROM claimed
     GROUP BY venture_id, day
 "#;
@@ -81,6 +110,8 @@ pub(crate) struct ClaimedChanges {
     pub every_bucket: bool,
     /// Age of each claimed change when it was claimed, in milliseconds.
     pub ages_ms: Vec<f64>,
+    /// The window of oldest rows was full, so more changes are probably waiting.
+    pub window_full: bool,
 }
 
 impl ClaimedChanges {
@@ -100,6 +131,8 @@ pub(crate) async fn claim_changes(
 
     let mut claimed = ClaimedChanges::default();
     for row in rows {
+        let window_rows: i64 = row.get("window_rows");
+        claimed.window_full = window_rows >= limit;
         let venture_id: Option<i32> = row.get("venture_id");
         let day: Option<BucketDay> = row.get("day");
         let ages_ms: Vec<f64> = row.get("ages_ms");
