@@ -233,3 +233,38 @@ async fn two_drains_at_once_share_a_deep_queue() {
     assert_eq!(queue_depth(&client).await, 0, "queue after both drains");
     assert_eq!(kpi_mismatches(&client).await, Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn batch_of_most_loads_runs_one_full_pass() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    // 3,000 buckets: ventures 1-10 hold 20 loads per day, ventures 11-30 one.
+    execute(
+        &client,
+        r#"INSERT INTO "Load" ("ventureId", status, "createdAt")
+           SELECT v, 'QUOTED', timestamptz '2024-06-01 06:00+00' + d * interval '1 day'
+           FROM generate_series(1, 30) AS v, generate_series(0, 99) AS d,
+                generate_series(1, 20) AS n
+           WHERE v <= 10 OR n = 1"#,
+    )
+    .await;
+    drain_all(&db, &DrainSettings::default()).await;
+    // A drifted row of a bucket that no write touches: only a full pass repairs it.
+    execute(
+        &client,
+        r#"UPDATE "FreightKpiDaily" SET "loadsLost" = 7 WHERE "ventureId" = 30 AND date = '2024-06-20'"#,
+    )
+    .await;
+
+    // 1,000 of 3,000 buckets, below the bucket share, but 20,000 of 22,000 loads.
+    execute(
+        &client,
+        r#"UPDATE "Load" SET status = 'COVERED' WHERE "ventureId" <= 10"#,
+    )
+    .await;
+    let reports = drain_all(&db, &DrainSettings::default()).await;
+
+    assert_eq!(reports.len(), 1, "batches");
+    assert!(reports[0].full_pass, "the batch ran a full pass");
+    assert_eq!(kpi_mismatches(&client).await, Vec::<String>::new());
+}
