@@ -75,8 +75,8 @@ pub struct BatchReport {
     /// Whether the batch's window of oldest queue rows was full, so more changes are
     /// probably waiting.
     pub window_full: bool,
-    /// Whether the batch ran one full pass over the days of its buckets instead of
-    /// recomputing them by key, because they were a large share of the table.
+    /// Whether the batch ran a full pass instead of recomputing its buckets by key:
+    /// after a TRUNCATE, or because they were a large share of the table.
     pub full_pass: bool,
     /// Queue rows consumed.
     pub changes: u64,
@@ -170,9 +170,8 @@ async fn run_batch(
     span.record("batch.changes", claimed.change_count());
     span.record("batch.buckets", buckets.len());
 
-    let mut full_pass = claimed.every_bucket;
-    let (recomputed, written, failed) = if claimed.every_bucket {
-        recompute_every_bucket(&transaction, settings.long_statement_timeout, long).await?
+    let by_pass = if claimed.every_bucket {
+        Some(recompute_every_bucket(&transaction, settings.long_statement_timeout, long).await?)
     } else {
         let pass_range = bounded(
             short,
@@ -180,15 +179,15 @@ async fn run_batch(
             full_pass_range(&transaction, &buckets),
         )
         .await?;
-        let by_pass = match pass_range {
+        match pass_range {
             Some(range) => recompute_range(&mut transaction, range, settings, long).await?,
             None => None,
-        };
-        full_pass = by_pass.is_some();
-        match by_pass {
-            Some(outcome) => outcome,
-            None => recompute_isolated(&mut transaction, &buckets, short, lock_wait).await?,
         }
+    };
+    let full_pass = by_pass.is_some();
+    let (recomputed, written, failed) = match by_pass {
+        Some(outcome) => outcome,
+        None => recompute_isolated(&mut transaction, &buckets, short, lock_wait).await?,
     };
 
     let failed_keys: BTreeSet<Bucket> = failed.iter().map(|failure| failure.bucket).collect();
