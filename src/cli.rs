@@ -157,8 +157,8 @@ pub struct ReconcileArgs {
     /// Last UTC day to reconcile (YYYY-MM-DD), inclusive.
     #[arg(long)]
     pub to: Option<NaiveDate>,
-    /// Reconcile only this venture.
-    #[arg(long)]
+    /// Reconcile only this venture. Negative ids are accepted as `--venture -1`.
+    #[arg(long, allow_negative_numbers = true)]
     pub venture: Option<i32>,
     /// Report drift without repairing it.
     #[arg(long)]
@@ -460,5 +460,23 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM received, stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn reconcile_accepts_negative_venture() {
+        let cli = Cli::try_parse_from(["freight-kpi", "reconcile", "--venture", "-1"])
+            .expect("a negative venture id parses");
+
+        let Command::Reconcile(args) = cli.command else {
+            panic!("parsed {:?} instead of reconcile", cli.command);
+        };
+        assert_eq!(args.venture, Some(-1));
     }
 }
