@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use freight_kpi::capture::{drain_queue, process_batch, BatchReport, DrainSettings};
+use freight_kpi::capture::{process_batch, DrainSettings};
 
-use common::{count, execute, kpi_mismatches, queue_depth, TestDb};
+use common::{count, drain_all, execute, kpi_mismatches, queue_depth, TestDb};
 
 /// Ten loads in each of 3 ventures × 40 days: 120 buckets, statuses and amounts varied.
 const SEED_LOADS: &str = r#"
@@ -21,20 +21,6 @@ const SEED_LOADS: &str = r#"
            timestamptz '2024-06-01 00:00+00' + (i / 3 % 40) * interval '1 day' + (i % 7) * interval '1 hour'
     FROM generate_series(0, 1199) AS i
 "#;
-
-async fn drain_all(db: &TestDb, settings: &DrainSettings) -> Vec<BatchReport> {
-    let pool = db.target.pool(2).expect("a pool for the test database");
-    let mut reports = Vec::new();
-    drain_queue(
-        &pool,
-        settings,
-        |report| reports.push(report.clone()),
-        || false,
-    )
-    .await
-    .expect("drain the queue");
-    reports
-}
 
 /// Seeds the loads, drains their changes, then updates each load with `assignment`
 /// in a statement of its own, in id order, so that each one queues its own change.
@@ -217,7 +203,8 @@ async fn two_drains_at_once_share_a_deep_queue() {
     let queued = queue_depth(&client).await;
     assert_eq!(queued, 1_050, "queued changes");
 
-    // Both claim whole buckets with SKIP LOCKED, so neither waits on the other's rows.
+    // Both claim whole buckets with SKIP LOCKED. Together they consume each change
+    // once, and neither may stall on the other's claimed rows past the timeout.
     let settings = small_batches();
     let first = tokio::time::timeout(Duration::from_secs(60), drain_all(&db, &settings));
     let second = tokio::time::timeout(Duration::from_secs(60), drain_all(&db, &settings));

@@ -171,7 +171,7 @@ async fn run_batch(
     span.record("batch.buckets", buckets.len());
 
     let by_pass = if claimed.every_bucket {
-        Some(recompute_every_bucket(&transaction, settings.long_statement_timeout, long).await?)
+        Some(recompute_every_bucket(&transaction, settings, long).await?)
     } else {
         let pass_range = bounded(
             short,
@@ -180,7 +180,9 @@ async fn run_batch(
         )
         .await?;
         match pass_range {
-            Some(range) => recompute_range(&mut transaction, range, settings, long).await?,
+            Some(range) => {
+                recompute_range(&mut transaction, range, &buckets, settings, long).await?
+            }
             None => None,
         }
     };
@@ -278,23 +280,32 @@ pub async fn drain_queue(
 /// After a TRUNCATE: one full pass over every bucket, under every bucket lock.
 async fn recompute_every_bucket(
     transaction: &Transaction<'_>,
-    server_timeout: Duration,
+    settings: &DrainSettings,
     timeout: Duration,
 ) -> Result<(u64, u64, Vec<BucketFailure>)> {
     let summary = bounded(timeout, "recompute every bucket", async {
-        transaction
-            .batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                server_timeout.as_millis()
-            ))
-            .await
-            .map_err(Error::database("allow the full pass its time"))?;
+        set_statement_timeout(transaction, settings.long_statement_timeout).await?;
         kpi::lock_all_buckets(transaction).await?;
-        kpi::full_pass(transaction, BucketRange::default(), false).await
+        let summary = kpi::full_pass(transaction, BucketRange::default(), false).await?;
+        set_statement_timeout(transaction, settings.statement_timeout).await?;
+        Ok(summary)
     })
     .await?;
     let failed = summary.overflowed.iter().map(BucketFailure::from).collect();
     Ok((summary.scanned, summary.repaired, failed))
+}
+
+/// Sets the server's limit on each later statement of `transaction`. SET LOCAL lasts
+/// until the transaction ends, past a released savepoint too, so a batch that allows
+/// a full pass its long limit sets the short one back after it.
+async fn set_statement_timeout(transaction: &Transaction<'_>, limit: Duration) -> Result<()> {
+    transaction
+        .batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            limit.as_millis()
+        ))
+        .await
+        .map_err(Error::database("set the statement timeout"))
 }
 
 /// Decides whether a batch's dirty buckets are better served by one full pass over
@@ -367,12 +378,17 @@ const STORED_SHARE: &str = r#"
             JOIN "FreightKpiDaily" f ON f."ventureId" = key.venture_id AND f.date = key.day) AS dirty_loads
 "#;
 
-/// Runs one full pass over `range` under every bucket lock. Returns `None`, with the
-/// pass rolled back, when the server rejects a value, so that the caller can isolate
-/// the offending buckets by key.
+/// Runs one full pass over `range` under every bucket lock, for the batch's `buckets`.
+/// Returns `None`, with the pass rolled back, when the server rejects a value, so that
+/// the caller can isolate the offending buckets by key.
+///
+/// Only overflows of `buckets` are returned as failures. Another bucket of the range
+/// that overflows was not claimed by this batch: it keeps its own retry schedule in
+/// `freight_kpi.failed_bucket`, and a reconcile reports it.
 async fn recompute_range(
     transaction: &mut Transaction<'_>,
     range: BucketRange,
+    buckets: &BTreeSet<Bucket>,
     settings: &DrainSettings,
     timeout: Duration,
 ) -> Result<Option<(u64, u64, Vec<BucketFailure>)>> {
@@ -381,13 +397,7 @@ async fn recompute_range(
         .await
         .map_err(Error::database("create a savepoint"))?;
     let outcome = bounded(timeout, "recompute a range of days", async {
-        savepoint
-            .batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                settings.long_statement_timeout.as_millis()
-            ))
-            .await
-            .map_err(Error::database("allow the full pass its time"))?;
+        set_statement_timeout(&savepoint, settings.long_statement_timeout).await?;
         kpi::lock_all_buckets(&savepoint).await?;
         kpi::full_pass(&savepoint, range, false).await
     })
@@ -395,20 +405,17 @@ async fn recompute_range(
 
     match outcome {
         Ok(summary) => {
-            // SET LOCAL outlives the savepoint; the rest of the batch keeps the
-            // short limit.
             savepoint
                 .commit()
                 .await
                 .map_err(Error::database("release a savepoint"))?;
-            transaction
-                .batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {}",
-                    settings.statement_timeout.as_millis()
-                ))
-                .await
-                .map_err(Error::database("restore the statement timeout"))?;
-            let failed = summary.overflowed.iter().map(BucketFailure::from).collect();
+            set_statement_timeout(transaction, settings.statement_timeout).await?;
+            let failed = summary
+                .overflowed
+                .iter()
+                .filter(|overflow| buckets.contains(&overflow.bucket()))
+                .map(BucketFailure::from)
+                .collect();
             Ok(Some((summary.scanned, summary.repaired, failed)))
         }
         Err(error) if is_data_exception(&error) => {

@@ -368,6 +368,25 @@ where
     }
 }
 
+/// Drains the queue with `settings` through the service's batch function, as the
+/// listener does, and returns the report of every committed batch.
+pub async fn drain_all(
+    db: &TestDb,
+    settings: &freight_kpi::capture::DrainSettings,
+) -> Vec<freight_kpi::capture::BatchReport> {
+    let pool = db.target.pool(2).expect("a pool for the test database");
+    let mut reports = Vec::new();
+    freight_kpi::capture::drain_queue(
+        &pool,
+        settings,
+        |report| reports.push(report.clone()),
+        || false,
+    )
+    .await
+    .expect("drain the queue");
+    reports
+}
+
 /// Number of changes waiting in the queue.
 pub async fn queue_depth(client: &Client) -> i64 {
     client
