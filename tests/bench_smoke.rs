@@ -31,6 +31,8 @@ const REQUIRED_NUMBERS: &[&str] = &[
     "/freshness/at_rate/max_ms",
     "/freshness/max_sustained_rate",
     "/catch_up/queued",
+    "/catch_up/loads_in_buckets",
+    "/catch_up/loads_in_table",
     "/catch_up/drain_seconds",
     "/catch_up/changes_per_second",
     "/crossover/full_pass_seconds",
@@ -142,6 +144,16 @@ async fn short_bench_writes_complete_outputs() {
             "{pointer} is missing or empty: {value:?}"
         );
     }
+    let loads_in_buckets = report["catch_up"]["loads_in_buckets"].as_u64();
+    let loads_in_table = report["catch_up"]["loads_in_table"].as_u64();
+    assert!(
+        loads_in_buckets.is_some_and(|loads| loads > 0),
+        "loads of the catch-up's buckets: {loads_in_buckets:?}"
+    );
+    assert!(
+        loads_in_buckets <= loads_in_table,
+        "loads of the catch-up's buckets {loads_in_buckets:?} exceed the table's {loads_in_table:?}"
+    );
     let targets = report["targets"].as_array().map_or(0, Vec::len);
     assert_eq!(targets, 9, "one entry per target");
     let sizes = report["full_pass"]["by_size"]

@@ -33,6 +33,11 @@ pub struct CatchUp {
     pub queued: u64,
     /// Distinct buckets among them.
     pub distinct_buckets: u64,
+    /// Loads those buckets held when the backlog was queued, and loads in all buckets,
+    /// both by the stored `"loadsInbound"`. An exact drain reads every load of the
+    /// queued buckets, so this share, more than the count of changes, sets its cost.
+    pub loads_in_buckets: u64,
+    pub loads_in_table: u64,
     /// Seconds to queue them with `COPY`.
     pub queue_seconds: f64,
     /// Seconds from starting the service to an empty queue, connection included.
@@ -63,6 +68,7 @@ pub async fn measure(
     let distinct_buckets = queue_backlog(control, workload, count, bar).await?;
     let queue_seconds = started.elapsed().as_secs_f64();
     let queued = queue_depth(control).await? as u64;
+    let (loads_in_buckets, loads_in_table) = loads_of_queued_buckets(control).await?;
 
     bar.set_message("draining");
     memory.reset();
@@ -91,6 +97,8 @@ pub async fn measure(
     Ok(CatchUp {
         queued,
         distinct_buckets,
+        loads_in_buckets,
+        loads_in_table,
         queue_seconds,
         drain_seconds,
         changes_per_second: queued as f64 / drain_seconds,
@@ -98,6 +106,26 @@ pub async fn measure(
         buckets_recomputed: stats.buckets,
         peak_rss_mib,
     })
+}
+
+/// Returns the loads of the queued buckets and of all buckets, from the stored KPIs.
+async fn loads_of_queued_buckets(control: &Client) -> Result<(u64, u64), BenchError> {
+    let row = control
+        .query_one(
+            r#"
+            SELECT (SELECT coalesce(sum(f."loadsInbound"), 0)::bigint
+                    FROM (SELECT DISTINCT venture_id, day FROM freight_kpi.change_queue) AS queued
+                    JOIN "FreightKpiDaily" f
+                      ON f."ventureId" = queued.venture_id AND f.date = queued.day) AS in_buckets,
+                   (SELECT coalesce(sum("loadsInbound"), 0)::bigint FROM "FreightKpiDaily") AS in_table
+            "#,
+            &[],
+        )
+        .await
+        .map_err(database("count the loads of the queued buckets"))?;
+    let in_buckets: i64 = row.get("in_buckets");
+    let in_table: i64 = row.get("in_table");
+    Ok((in_buckets as u64, in_table as u64))
 }
 
 /// Writes `count` queue rows and returns how many distinct buckets they name.

@@ -159,9 +159,12 @@ fn catch_up(text: &mut String, report: &BenchReport) {
     let catch_up = &report.catch_up;
     let _ = writeln!(
         text,
-        "\n## 5. Catch-up\n\n| Queued changes | Distinct buckets | Drain | Changes/s | Batches | Buckets recomputed |\n| --- | --- | --- | --- | --- | --- |\n| {} | {} | {:.2} s | {} | {} | {} |",
+        "\n## 5. Catch-up\n\n| Queued changes | Distinct buckets | Their loads | Drain | Changes/s | Batches | Buckets recomputed |\n| --- | --- | --- | --- | --- | --- | --- |\n| {} | {} | {} ({:.0}% of {}) | {:.2} s | {} | {} | {} |",
         number(catch_up.queued as f64),
         number(catch_up.distinct_buckets as f64),
+        number(catch_up.loads_in_buckets as f64),
+        100.0 * catch_up.loads_in_buckets as f64 / catch_up.loads_in_table.max(1) as f64,
+        number(catch_up.loads_in_table as f64),
         catch_up.drain_seconds,
         number(catch_up.changes_per_second),
         catch_up.batches,
