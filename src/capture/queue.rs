@@ -32,10 +32,10 @@ impl From<&BucketOverflow> for BucketFailure {
 /// fill every window of oldest rows. Claiming by window alone recomputed them once per
 /// window: 407,929 bucket recomputes for 39,100 distinct buckets in a catch-up of 1
 /// million changes. The hash join reads the queue once per batch, which costs little
-/// next to the recompute it saves; a shallow queue is read in a few rows anyway.
+/// next to the recompute it saves, and a shallow queue is only a few rows to read.
 /// SKIP LOCKED on the second set too keeps two instances from waiting on each
 /// other's claimed rows. The delete finds its rows by `ctid`, which stays valid while
-/// this transaction holds their row locks; joining on `id` again took 40% longer on a
+/// this transaction holds their row locks. Joining on `id` again took 40% longer on a
 /// queue of a million rows. The rows of `oldest` are all in `same_bucket` but for the
 /// TRUNCATE markers, which have no bucket. `window_rows` tells the caller whether the
 /// window was full.
