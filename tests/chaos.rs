@@ -391,11 +391,13 @@ async fn writer(
             Ok(()) => *tally.lock().unwrap().changes.entry(change).or_default() += 1,
             Err(error) => {
                 tally.lock().unwrap().failed_statements += 1;
+                if change == Change::Truncate {
+                    // A TRUNCATE that failed is retried, after a reconnect when a fault
+                    // closed the connection, so that every default run issues one.
+                    truncate_at = Some(Instant::now());
+                }
                 if active.is_closed() || error.is_closed() || error.code().is_none() {
                     client = None;
-                } else if change == Change::Truncate {
-                    // A TRUNCATE that failed (a deadlock with a reconcile, say) is retried.
-                    truncate_at = Some(Instant::now());
                 }
             }
         }
