@@ -121,7 +121,8 @@ pub struct RunArgs {
     /// takes longer, in milliseconds.
     #[arg(long, default_value_t = 3_000)]
     pub ping_timeout_ms: u64,
-    /// Changes claimed from the queue per batch.
+    /// Oldest queue rows a batch claims, together with every other queued change of
+    /// their buckets. While batches find it full it doubles, up to 16 times this value.
     #[arg(long, default_value_t = 5_000)]
     pub batch_size: i64,
     /// Address of the /metrics, /healthz and /readyz endpoint (IP:PORT, port 0 picks a

@@ -16,10 +16,11 @@ use crate::kpi::{self, Bucket, BucketRange};
 /// Sizes and time limits of batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainSettings {
-    /// Queue rows claimed per batch (default 5,000).
+    /// Oldest queue rows a batch claims, with every other queued change of their
+    /// buckets (default 5,000). A drain doubles it while batches find it full.
     pub batch_size: i64,
-    /// Limit on each statement of a batch (default 30 s), except the full pass after a
-    /// TRUNCATE. The server cancels a statement that runs longer, so it cannot keep
+    /// Limit on each statement of a batch (default 30 s), except a full pass: after a
+    /// TRUNCATE, or for a batch whose buckets are a large share of the table. The server cancels a statement that runs longer, so it cannot keep
     /// holding bucket locks, and the client gives up [`CLIENT_GRACE`] later: a
     /// connection that goes silent mid-batch then fails the batch instead of stalling
     /// the service, and is discarded.
@@ -29,7 +30,7 @@ pub struct DrainSettings {
     /// with lock_not_available and is retried, and its connection is kept. The
     /// client allows this plus `statement_timeout` for such a wait.
     pub lock_wait_timeout: Duration,
-    /// Limit on the full pass after a TRUNCATE (default 30 min).
+    /// Limit on a batch's full pass, which holds every bucket lock (default 30 min).
     pub long_statement_timeout: Duration,
 }
 
