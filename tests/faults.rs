@@ -17,7 +17,8 @@ use std::time::Duration;
 use common::cluster::PrivateCluster;
 use common::proxy::Proxy;
 use common::{
-    binary, connect, queue_depth, start_service, wait_for_exact_kpis, wait_until, TestDb,
+    binary, connect, queue_depth, start_service, wait_for_empty_queue, wait_for_exact_kpis,
+    wait_until, TestDb,
 };
 use freight_kpi::config::RunSettings;
 use freight_kpi::db::DatabaseTarget;
@@ -308,7 +309,7 @@ async fn changes_while_stopped_are_drained_on_start() {
 
     let service = start_service(&db, settings_without_poll(db.target.clone())).await;
     wait_for_exact_kpis(&client, QUICK).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, QUICK).await;
     service.stop().await;
 }
 
@@ -388,7 +389,7 @@ async fn killed_binary_restarts_and_converges() {
 
     assert_eq!(failed, 0, "writes failed: {last_error:?}");
     wait_for_exact_kpis(&client, QUICK).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, QUICK).await;
 
     let pid = second.id().expect("the restarted service runs").to_string();
     let signalled = Command::new("kill")
@@ -476,7 +477,7 @@ async fn terminated_connections_reconnect_quickly() {
     wait_for_exact_kpis(&client, QUICK).await;
 
     notified_marker_converges(&client, &service.handles.notifications, 77).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, QUICK).await;
     service.stop().await;
 }
 
@@ -495,13 +496,7 @@ async fn several_instances_converge_together() {
 
     assert_eq!(failed, 0, "writes failed: {last_error:?}");
     wait_for_exact_kpis(&client, QUICK).await;
-    // The KPIs can be exact while a few queue rows wait: a batch's recompute sees
-    // changes committed after its claim, whose rows the next wake-up drains. With
-    // the fallback poll off, a row whose wake-up was lost would stay and fail here.
-    wait_until("an empty change queue", QUICK, || async {
-        queue_depth(&client).await == 0
-    })
-    .await;
+    wait_for_empty_queue(&client, QUICK).await;
     let failed_buckets: i64 = client
         .query_one("SELECT count(*) FROM freight_kpi.failed_bucket", &[])
         .await
@@ -645,7 +640,7 @@ async fn silent_connection_is_replaced() {
     wait_for_exact_kpis(&client, QUICK).await;
     insert_marker_load(&client, 3).await;
     wait_for_exact_kpis(&client, QUICK).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, QUICK).await;
     service.stop().await;
 }
 
@@ -751,7 +746,7 @@ async fn server_restart_is_survived() {
     writers.wait_for_commits(100).await;
     let (_failed_during_restart, _) = writers.stop().await;
     wait_for_exact_kpis(&client, QUICK).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, QUICK).await;
 
     notified_marker_converges(&client, &handles.notifications, 42).await;
 
@@ -822,7 +817,7 @@ async fn silent_batch_times_out_and_retries() {
     // locked until the server ends it for sitting idle in its transaction (5 s). Then
     // a new connection drains the change.
     wait_for_exact_kpis(&client, Duration::from_secs(20)).await;
-    assert_eq!(queue_depth(&client).await, 0);
+    wait_for_empty_queue(&client, Duration::from_secs(20)).await;
     service.stop().await;
 }
 

@@ -396,6 +396,17 @@ pub async fn queue_depth(client: &Client) -> i64 {
         .get(0)
 }
 
+/// Waits until the change queue is empty, or panics after `timeout`. The KPIs can be
+/// exact while a few queue rows still wait: a batch's recompute reads changes
+/// committed after its claim, and their rows go with the next wake-up. A row whose
+/// wake-up was lost stays, so with the fallback poll off this still catches it.
+pub async fn wait_for_empty_queue(client: &Client, timeout: Duration) {
+    wait_until("an empty change queue", timeout, || async {
+        queue_depth(client).await == 0
+    })
+    .await;
+}
+
 /// A service started inside the test's runtime.
 pub struct RunningService {
     stop: Option<oneshot::Sender<()>>,
