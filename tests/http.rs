@@ -183,16 +183,23 @@ async fn metrics_move_when_service_works() {
         },
     )
     .await;
-    // A change left waiting: the queue gauges show it until the next batch.
+    // A change left waiting: the queue gauges show it until a batch commits. Every
+    // bucket lock is held meanwhile, so a batch that claims the change waits with its
+    // delete uncommitted and the change stays counted.
+    let mut holder = db.client().await;
+    let holding = holder.transaction().await.expect("begin the lock holder");
+    freight_kpi::kpi::lock_all_buckets(&holding)
+        .await
+        .expect("hold every bucket lock");
     client
         .batch_execute(
-            r#"UPDATE freight_kpi.listener SET armed = false;
-               INSERT INTO freight_kpi.change_queue (venture_id, day, enqueued_at)
+            r#"INSERT INTO freight_kpi.change_queue (venture_id, day, enqueued_at)
                VALUES (99, current_date, clock_timestamp() - interval '3 seconds')"#,
         )
         .await
         .expect("queue a change by hand");
     let (_, after) = http_get(address, "/metrics").await;
+    drop(holding);
 
     for counter in [
         "freight_kpi_changes_consumed_total",
