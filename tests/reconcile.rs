@@ -16,8 +16,8 @@ use freight_kpi::reconcile::{reconcile, ReconcileOptions, ReconcileReport};
 
 use common::{
     binary, bucket_label, count, day, describe_error, execute, kpi_mismatches,
-    kpi_mismatches_except, queue_depth, start_service, test_settings, wait_for_exact_kpis,
-    wait_until, TestDb,
+    kpi_mismatches_except, queue_depth, start_service, test_settings, wait_for_empty_queue,
+    wait_for_exact_kpis, wait_until, TestDb,
 };
 
 /// Time the service gets to make the KPIs exact after the last write.
@@ -106,6 +106,7 @@ async fn reconcile_repairs_writes_that_bypass_triggers() {
     let service = start_service(&db, test_settings(&db)).await;
     execute(&client, SEED_LOADS).await;
     wait_for_exact_kpis(&client, CONVERGE).await;
+    wait_for_empty_queue(&client, CONVERGE).await;
     service.stop().await;
 
     execute_bypassing_triggers(
@@ -168,6 +169,7 @@ async fn tampered_row_is_repaired() {
     let service = start_service(&db, test_settings(&db)).await;
     execute(&client, SEED_LOADS).await;
     wait_for_exact_kpis(&client, CONVERGE).await;
+    wait_for_empty_queue(&client, CONVERGE).await;
     service.stop().await;
 
     let tampered = client
@@ -250,6 +252,7 @@ async fn unowned_columns_survive_both_paths() {
     )
     .await;
     wait_for_exact_kpis(&client, CONVERGE).await;
+    wait_for_empty_queue(&client, CONVERGE).await;
     service.stop().await;
     assert_eq!(
         count(&client, UNOWNED_CHANGED).await,
@@ -291,6 +294,7 @@ async fn dry_run_reports_without_writing() {
     let service = start_service(&db, test_settings(&db)).await;
     execute(&client, SEED_LOADS).await;
     wait_for_exact_kpis(&client, CONVERGE).await;
+    wait_for_empty_queue(&client, CONVERGE).await;
     service.stop().await;
 
     execute_bypassing_triggers(
@@ -469,6 +473,7 @@ async fn reconcile_beside_writers_and_service_converges() {
     assert!(statements >= 20, "only {statements} writes ran");
 
     wait_for_exact_kpis(&client, CONVERGE).await;
+    wait_for_empty_queue(&client, CONVERGE).await;
     service.stop().await;
 }
 
