@@ -62,8 +62,8 @@ const RECOMPUTE_CHUNK: usize = 5_000;
 /// A batch whose dirty buckets are at least this share of the stored buckets, or count
 /// at least this share of the stored loads, runs one full pass over their days instead
 /// of recomputing them by key. The bench's crossover, with buckets drawn uniformly,
-/// measured recompute by key at 10 million loads costing as much as a full pass near
-/// 36% of the buckets in one run and 43% in another.
+/// measured recompute by key at 10 million loads costing as much as a full pass at
+/// 36% to 43% of the buckets over four runs, so the lower end is taken.
 const FULL_PASS_SHARE: f64 = 0.36;
 
 /// Below this many dirty buckets a batch never considers the full pass, so the usual

@@ -37,7 +37,7 @@ impl From<&BucketOverflow> for BucketFailure {
 /// other's claimed rows. The delete finds its rows by `ctid`, which stays valid while
 /// this transaction holds their row locks. Joining on `id` again took 40% longer on a
 /// queue of a million rows. The rows of `oldest` are all in `same_bucket` but for the
-/// TRUNCATE markers, which have no bucket. `window_rows` tells the caller whether the
+/// TRUNCATE markers, which have no bucket. `window_rows` shows the caller whether the
 /// window was full.
 const CLAIM_CHANGES: &str = r#"
     WITH oldest AS (
